@@ -1,0 +1,40 @@
+# shardwire developer commands. Everything runs inside .venv, made on demand.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 50051
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: run test proto bench lint venv clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned to the CPU build, so the extras resolve against it.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e ".[server,test,loadtest]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/shardwire up --model tiny --port $(PORT) --demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+proto: $(STAMP)
+	$(BIN)/python -m serve.protogen
+
+bench: $(STAMP)
+	$(BIN)/shardwire bench serve --out bench-results/serve.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check serve clients loadtests tests
+	$(BIN)/ruff format --check serve clients loadtests tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench-results

@@ -1,0 +1,1 @@
+"""shardwire client SDK and command line (no torch import)."""

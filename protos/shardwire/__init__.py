@@ -1,0 +1,1 @@
+"""shardwire protobuf messages and gRPC stubs (generated; see serve/protogen.py)."""

@@ -1,0 +1,66 @@
+"""Frozen configuration dataclasses. Only this module and cli.py read the
+environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling and KV-cache settings of one replica."""
+
+    block_size: int = 16
+    # KV blocks in the pool; 0 sizes the pool from kv_cache_bytes.
+    num_kv_blocks: int = 0
+    kv_cache_bytes: int = 512 * 1024 * 1024
+    max_num_seqs: int = 64
+    # Token budget of one engine step (decode tokens + prefill chunks).
+    max_num_batched_tokens: int = 512
+    # 0: the model's context length.
+    max_model_len: int = 0
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """One replica leader process (a TP group of size 1 for now)."""
+
+    model: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 50061
+    dtype: str = "float32"
+    seed: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The public gRPC frontend."""
+
+    model: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    replicas: tuple[str, ...] = ("127.0.0.1:50061",)
+    # max_tokens when the request leaves it unset, and the largest allowed.
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 4096
+    # Largest request message the server accepts, in bytes.
+    max_request_bytes: int = 1 << 20
+    max_stop_strings: int = 16
+    max_stop_string_len: int = 256
+    # Name the model is served under; empty: derived from `model`.
+    served_model_name: str = ""
+    log_prompts: bool = False
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer from the environment, or the default."""
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name) or default
