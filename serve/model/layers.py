@@ -1,0 +1,139 @@
+"""Tensor-parallel building blocks. The TP math lives here: column-parallel
+layers need no communication, row-parallel layers and the vocab embedding
+all-reduce through the group, the LM head gathers logits.
+
+Every parameter carries `tp_dim`: the dimension along which it is split across
+ranks (None when replicated); the loader slices checkpoint tensors with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.dist.group import ParallelGroup
+from serve.model.config import RopeScaling
+
+
+def _param(shape: tuple[int, ...], tp_dim: int | None, dtype: torch.dtype) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    p.tp_dim = tp_dim  # type: ignore[attr-defined]
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split by output rows; each rank holds its slice of y."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, group: ParallelGroup, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        out_local = group.shard(out_features, "output features")
+        self.weight = _param((out_local, in_features), 0, dtype)
+        self.bias = _param((out_local,), 0, dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, group: ParallelGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.group = group
+        in_local = group.shard(in_features, "input features")
+        self.weight = _param((out_features, in_local), 1, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(F.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows; rows a rank lacks give zeros,
+    and the all-reduce fills them in."""
+
+    def __init__(self, vocab_size: int, hidden: int, group: ParallelGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.group = group
+        self.vocab_local = math.ceil(vocab_size / group.size)
+        self.vocab_start = group.rank * self.vocab_local
+        self.weight = _param((self.vocab_local, hidden), 0, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_local)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = x.masked_fill(outside[:, None], 0)
+        return self.group.all_reduce(x)
+
+
+class ParallelLMHead(nn.Module):
+    """Logits over the full vocabulary, gathered from every rank's slice."""
+
+    def __init__(self, vocab_size: int, hidden: int, group: ParallelGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.group = group
+        self.vocab_size = vocab_size
+        self.weight = _param((math.ceil(vocab_size / group.size), hidden), 0, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight)  # [n, vocab_local]
+        return self.group.all_gather(logits, dim=-1)[:, : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((hidden,), None, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], with linear or Llama 3 scaling."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling.rope_type == "linear":
+        inv = inv / scaling.factor
+    elif scaling.rope_type == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the half-split layout of Llama checkpoints."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling) -> None:
+        super().__init__()
+        inv = rope_inv_freq(head_dim, theta, scaling)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv)  # [max_positions, head_dim // 2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, heads, head_dim] -> rotated, same shape and dtype."""
+        cos = self.cos[positions][:, None, :]  # [num_tokens, 1, head_dim // 2]
+        sin = self.sin[positions][:, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)

@@ -1,0 +1,158 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) with tensor-parallel layers.
+
+Parameter names follow Hugging Face checkpoints, so weights load by name.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.dist.group import ParallelGroup
+from serve.model.attention import AttentionMetadata, paged_attention, write_kv
+from serve.model.config import ModelConfig
+from serve.model.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        self.num_heads = group.shard(cfg.num_heads, "attention heads")
+        self.num_kv_heads = group.shard(cfg.num_kv_heads, "KV heads")
+        self.head_dim = d
+        self.scale = d**-0.5
+        self.sliding_window = cfg.sliding_window
+        self.rope = rope
+        bias = cfg.attention_bias
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, bias, group, dtype)
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, group, dtype)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q = self.rope(positions, q)
+        k = self.rope(positions, k)
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)  # [n, heads, d]
+        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = ColumnParallelLinear(h, i, False, group, dtype)
+        self.up_proj = ColumnParallelLinear(h, i, False, group, dtype)
+        self.down_proj = RowParallelLinear(i, h, group, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, group, rope, dtype)
+        self.mlp = MLP(cfg, group, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup, max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, group, rope, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, positions, kv_cache, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        group: ParallelGroup | None = None,
+        max_positions: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        group = group or ParallelGroup.single()
+        self.config = cfg
+        self.group = group
+        self.dtype = dtype
+        self.model = LlamaModel(cfg, group, max_positions or cfg.max_position_embeddings, dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group, dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final hidden states [num_tokens, hidden]."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> float32 logits [n, vocab] (full vocabulary on every rank)."""
+        return self.lm_head(hidden).float()
+
+    def init_random(self, seed: int) -> None:
+        """Fills the weights from a fixed seed (the built-in presets).
+
+        Each full tensor is drawn from its own generator (seed, parameter name)
+        and this rank keeps its slice, so every TP size gives the same model."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.data.fill_(1.0)
+                continue
+            if name.endswith("bias"):
+                p.data.zero_()
+                continue
+            tp_dim = p.tp_dim  # type: ignore[attr-defined]
+            full = list(p.shape)
+            if tp_dim is not None:
+                full[tp_dim] *= self.group.size
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            std = 1.0 if "embed" in name else 0.02
+            w = torch.randn(full, generator=gen) * std
+            if tp_dim is not None:
+                w = w.narrow(tp_dim, self.group.rank * p.shape[tp_dim], p.shape[tp_dim])
+            p.data.copy_(w)
