@@ -14,7 +14,7 @@ class EngineConfig:
     block_size: int = 16
     # KV blocks in the pool; 0 sizes the pool from kv_cache_bytes.
     num_kv_blocks: int = 0
-    kv_cache_bytes: int = 512 * 1024 * 1024
+    kv_cache_bytes: int = 256 * 1024 * 1024
     max_num_seqs: int = 64
     # Token budget of one engine step (decode tokens + prefill chunks).
     max_num_batched_tokens: int = 512

@@ -46,8 +46,8 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
 def _gather(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values at the given slots: [..., kv_heads, head_dim] each."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    return flat[0][slots], flat[1][slots]
+    kv = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)[:, slots]
+    return kv[0], kv[1]
 
 
 def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

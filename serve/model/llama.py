@@ -25,7 +25,7 @@ from serve.model.layers import (
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, group: ParallelGroup, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup, dtype: torch.dtype) -> None:
         super().__init__()
         d = cfg.head_dim
         self.num_heads = group.shard(cfg.num_heads, "attention heads")
@@ -33,7 +33,6 @@ class Attention(nn.Module):
         self.head_dim = d
         self.scale = d**-0.5
         self.sliding_window = cfg.sliding_window
-        self.rope = rope
         bias = cfg.attention_bias
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, bias, group, dtype)
         self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype)
@@ -41,14 +40,15 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, group, dtype)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q = self.rope(positions, q)
-        k = self.rope(positions, k)
+        q = RotaryEmbedding.apply(q, *rope)
+        k = RotaryEmbedding.apply(k, *rope)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)  # [n, heads, d]
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
@@ -67,26 +67,27 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, group: ParallelGroup, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup, dtype: torch.dtype) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, group, rope, dtype)
+        self.self_attn = Attention(cfg, group, dtype)
         self.mlp = MLP(cfg, group, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, group: ParallelGroup, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
-        rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, group, rope, dtype) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, group, dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(
@@ -97,8 +98,9 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        rope = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
 
 
