@@ -50,11 +50,30 @@ def load_model(
     net = LlamaForCausalLM(cfg, group, max_positions, parse_dtype(dtype))
     if model in PRESETS:
         net.init_random(seed)
+        _shape_preset_head(net)
         logger.info("built preset %s (%.1fM params, seed %d)", model, cfg.num_params / 1e6, seed)
     else:
         load_weights(net, Path(model), group)
         logger.info("loaded %s (%.1fM params)", model, cfg.num_params / 1e6)
     return net.eval()
+
+
+def _shape_preset_head(net: LlamaForCausalLM) -> None:
+    """Makes the presets' random text readable: LM-head rows of byte tokens
+    that are not printable ASCII (or newline), and special tokens other than
+    end-of-sequence, are zeroed, the others scaled so
+    logits spread with a standard deviation near 4. A zero row's logit is 0
+    while the best printable one is far above it, so such bytes are (almost)
+    never drawn."""
+    head = net.lm_head.weight  # [vocab_local, hidden]
+    start = net.group.rank * head.shape[0]
+    keep = set(range(0x20, 0x7F)) | {0x0A} | set(net.config.eos_token_ids)
+    scale = 4.0 / (0.02 * net.config.hidden_size**0.5)  # init_random draws std 0.02
+    for row in range(head.shape[0]):
+        if start + row in keep:
+            head.data[row] *= scale
+        else:
+            head.data[row].zero_()
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -80,6 +99,12 @@ def load_weights(net: LlamaForCausalLM, folder: Path, group: ParallelGroup) -> N
                 p = params[name]
                 tp_dim = p.tp_dim  # type: ignore[attr-defined]
                 sl = f.get_slice(name)
+                expected = _full_shape(net, name, p, group)
+                if list(sl.get_shape()) != expected:
+                    raise InvalidArgument(
+                        f"tensor {name} in {path.name} has shape {tuple(sl.get_shape())}, "
+                        f"expected {tuple(expected)}"
+                    )
                 if tp_dim is None:
                     t = sl[:]
                 else:
@@ -94,6 +119,23 @@ def load_weights(net: LlamaForCausalLM, folder: Path, group: ParallelGroup) -> N
     missing = set(params) - loaded
     if missing:
         raise InvalidArgument(f"checkpoint in {folder} lacks tensors: {', '.join(sorted(missing)[:5])}")
+
+
+_VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _full_shape(
+    net: LlamaForCausalLM, name: str, p: torch.nn.Parameter, group: ParallelGroup
+) -> list[int]:
+    """The shape the whole checkpoint tensor must have for this rank's slice p
+    (the vocabulary tensors: the config's vocab_size rows, not a multiple of
+    the TP size)."""
+    shape = list(p.shape)
+    tp_dim = p.tp_dim  # type: ignore[attr-defined]
+    if tp_dim is not None:
+        full = net.config.vocab_size if name in _VOCAB_TENSORS else shape[tp_dim] * group.size
+        shape[tp_dim] = full
+    return shape
 
 
 def _copy(p: torch.nn.Parameter, t: torch.Tensor, name: str) -> None:
