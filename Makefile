@@ -33,8 +33,8 @@ bench: $(STAMP)
 	$(BIN)/shardwire bench serve --out bench-results/serve.json
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve clients loadtests tests
-	$(BIN)/ruff format --check serve clients loadtests tests
+	$(BIN)/ruff check serve clients tests
+	$(BIN)/ruff format --check serve clients tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench-results

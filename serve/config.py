@@ -54,6 +54,10 @@ class GatewayConfig:
     # Name the model is served under; empty: derived from `model`.
     served_model_name: str = ""
     log_prompts: bool = False
+    # Seconds start-up waits for a replica to answer Status before giving up.
+    startup_timeout_s: float = 60.0
+    # Seconds between Status polls of each replica (health and load).
+    status_poll_interval_s: float = 1.0
 
 
 def env_int(name: str, default: int) -> int:

@@ -15,9 +15,9 @@ PROTO_FILES = ("shardwire/v1/inference.proto", "shardwire/v1/shard.proto")
 
 def generate(out_dir: Path) -> None:
     """Writes *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every proto into out_dir."""
-    from grpc_tools import protoc  # test/dev dependency only
-
     import importlib.resources
+
+    from grpc_tools import protoc  # test/dev dependency only
 
     include = str(importlib.resources.files("grpc_tools") / "_proto")
     args = [

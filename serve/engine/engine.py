@@ -41,7 +41,9 @@ class LLMEngine:
         self.model = model
         self.config = config
         cfg = model.config
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
         num_blocks = config.num_kv_blocks or max(
             config.kv_cache_bytes // kv_block_bytes(model, config.block_size), 1
         )
@@ -51,7 +53,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, config, num_blocks)
         logger.info(
             "engine ready: %d KV blocks of %d tokens, max_model_len %d",
-            num_blocks, config.block_size, self.max_model_len,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
         )
 
     def make_request(
@@ -63,12 +67,17 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidArgument(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab})")
+            raise InvalidArgument(
+                f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {vocab})"
+            )
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidArgument(
                 f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len}"
             )
-        need = -(-min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len) // self.kv.block_size)
+        need = -(
+            -min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len)
+            // self.kv.block_size
+        )
         if need > self.kv.num_blocks:
             raise ResourceExhausted(
                 f"request needs {need} KV blocks; this replica has {self.kv.num_blocks}"

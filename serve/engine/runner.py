@@ -73,7 +73,9 @@ class ModelRunner:
         for req, n in out.prefills:
             start = req.num_computed_tokens
             table = block_tables[req.request_id]
-            chunks.append(PrefillChunk(len(ids), n, start + n, torch.tensor(table, dtype=torch.long)))
+            chunks.append(
+                PrefillChunk(len(ids), n, start + n, torch.tensor(table, dtype=torch.long))
+            )
             ids.extend(req.tokens(start, start + n))
             pos.extend(range(start, start + n))
             slots.extend(table[q // bs] * bs + q % bs for q in range(start, start + n))
@@ -100,7 +102,9 @@ class ModelRunner:
         hidden = self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
         return self.model.compute_logits(hidden[plan.sample_indices])
 
-    def execute(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> ModelRunnerOutput:
+    def execute(
+        self, out: SchedulerOutput, block_tables: dict[str, list[int]]
+    ) -> ModelRunnerOutput:
         plan = self.prepare(out, block_tables)
         logits = self.run(plan)
         reqs: list[Request] = list(out.decodes) + [

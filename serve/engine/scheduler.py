@@ -4,6 +4,7 @@ preempted (its KV is dropped and recomputed later)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -149,10 +150,8 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(req)
-            except ValueError:
-                pass
         self.requests.pop(req.request_id, None)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -164,7 +163,9 @@ class Scheduler:
         return self._output(req, (), FinishReason.ABORT)
 
     @staticmethod
-    def _output(req: Request, tokens: tuple[int, ...], reason: FinishReason | None) -> RequestOutput:
+    def _output(
+        req: Request, tokens: tuple[int, ...], reason: FinishReason | None
+    ) -> RequestOutput:
         start = req.first_scheduled_time or time.monotonic()
         return RequestOutput(
             request_id=req.request_id,

@@ -97,12 +97,16 @@ def paged_attention(
         kc = k.transpose(0, 1).unsqueeze(0)
         vc = v.transpose(0, 1).unsqueeze(0)
         if ctx == n and sliding_window is None:
-            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                qc, kc, vc, is_causal=True, scale=scale, enable_gqa=gqa
+            )
         else:
             q_pos = torch.arange(ctx - n, ctx)
             mask = pos[None, :] <= q_pos[:, None]  # [n, ctx]
             if sliding_window is not None:
                 mask &= pos[None, :] > (q_pos[:, None] - sliding_window)
-            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
         out[s : s + n] = o.squeeze(0).transpose(0, 1)
     return out

@@ -28,7 +28,12 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by output rows; each rank holds its slice of y."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, group: ParallelGroup, dtype: torch.dtype
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group: ParallelGroup,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
         out_local = group.shard(out_features, "output features")
@@ -42,7 +47,9 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x W^T with W split by input columns; partial sums are all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, group: ParallelGroup, dtype: torch.dtype) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, group: ParallelGroup, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.group = group
         in_local = group.shard(in_features, "input features")
@@ -56,7 +63,9 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; rows a rank lacks give zeros,
     and the all-reduce fills them in."""
 
-    def __init__(self, vocab_size: int, hidden: int, group: ParallelGroup, dtype: torch.dtype) -> None:
+    def __init__(
+        self, vocab_size: int, hidden: int, group: ParallelGroup, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.group = group
         self.vocab_local = math.ceil(vocab_size / group.size)
@@ -76,7 +85,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Logits over the full vocabulary, gathered from every rank's slice."""
 
-    def __init__(self, vocab_size: int, hidden: int, group: ParallelGroup, dtype: torch.dtype) -> None:
+    def __init__(
+        self, vocab_size: int, hidden: int, group: ParallelGroup, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.group = group
         self.vocab_size = vocab_size
@@ -122,7 +133,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the half-split layout of Llama checkpoints."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling) -> None:
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling
+    ) -> None:
         super().__init__()
         inv = rope_inv_freq(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)

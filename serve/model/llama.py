@@ -35,12 +35,19 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_window
         bias = cfg.attention_bias
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, bias, group, dtype)
-        self.k_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype)
-        self.v_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype)
+        self.k_proj = ColumnParallelLinear(
+            cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype
+        )
+        self.v_proj = ColumnParallelLinear(
+            cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype
+        )
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, group, dtype)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         n = x.shape[0]
@@ -75,7 +82,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
@@ -83,7 +93,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, group: ParallelGroup, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, group: ParallelGroup, max_positions: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype)

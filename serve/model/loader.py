@@ -118,7 +118,9 @@ def load_weights(net: LlamaForCausalLM, folder: Path, group: ParallelGroup) -> N
                 loaded.add(name)
     missing = set(params) - loaded
     if missing:
-        raise InvalidArgument(f"checkpoint in {folder} lacks tensors: {', '.join(sorted(missing)[:5])}")
+        raise InvalidArgument(
+            f"checkpoint in {folder} lacks tensors: {', '.join(sorted(missing)[:5])}"
+        )
 
 
 _VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from shardwire.v1 import shard_pb2_grpc
 
 from serve.config import ShardConfig
 from serve.engine.engine import AsyncEngine, LLMEngine
+from serve.gateway.interceptor import ErrorInterceptor
 from serve.model.loader import load_model
 from serve.shard.servicer import ShardServicer
-from shardwire.v1 import shard_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def build_engine(config: ShardConfig) -> AsyncEngine:
 async def start_shard(config: ShardConfig) -> ShardServer:
     """Loads the model and serves Shard on config.host:config.port (0: any free port)."""
     engine = await asyncio.to_thread(build_engine, config)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
     shard_pb2_grpc.add_ShardServicer_to_server(
         ShardServicer(engine, config.model, config.dtype), server
     )

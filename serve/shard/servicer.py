@@ -8,11 +8,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
 
 from serve.engine.engine import AsyncEngine
 from serve.engine.request import FinishReason, SamplingParams
-from serve.errors import InvalidArgument, ShardwireError
-from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
+from serve.errors import InvalidArgument
+from serve.gateway.interceptor import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,9 @@ FINISH_TO_PROTO = {
 }
 
 
-def sampling_from_proto(sp: inference_pb2.SamplingParams, stop_token_ids: list[int]) -> SamplingParams:
+def sampling_from_proto(
+    sp: inference_pb2.SamplingParams, stop_token_ids: list[int]
+) -> SamplingParams:
     """Engine sampling parameters; the gateway has validated ranges already,
     this guards the replica against a caller that skipped it."""
     max_tokens = sp.max_tokens if sp.HasField("max_tokens") else 16
@@ -59,19 +62,17 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     ) -> AsyncIterator[shard_pb2.ShardGenerateChunk]:
         request_id = request.request_id or uuid.uuid4().hex
         sampling = sampling_from_proto(request.sampling, list(request.stop_token_ids))
+        current_request_id.set(request_id)
         stream = self.engine.generate(request_id, list(request.prompt_token_ids), sampling)
-        try:
-            async with contextlib.aclosing(stream):
-                async for out in stream:
-                    yield shard_pb2.ShardGenerateChunk(
-                        token_ids=out.new_token_ids,
-                        finish_reason=FINISH_TO_PROTO[out.finish_reason],
-                        prompt_tokens=out.num_prompt_tokens,
-                        cached_prompt_tokens=out.num_cached_tokens,
-                        queue_s=out.queue_s,
-                    )
-        except ShardwireError as err:
-            await context.abort(grpc.StatusCode[err.code], err.message)
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                yield shard_pb2.ShardGenerateChunk(
+                    token_ids=out.new_token_ids,
+                    finish_reason=FINISH_TO_PROTO[out.finish_reason],
+                    prompt_tokens=out.num_prompt_tokens,
+                    cached_prompt_tokens=out.num_cached_tokens,
+                    queue_s=out.queue_s,
+                )
 
     async def Abort(  # noqa: N802
         self, request: shard_pb2.AbortRequest, context: grpc.aio.ServicerContext

@@ -21,7 +21,9 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 17, 40, 3, 70, 33)]
 
 
-def _run(model, prompts, cfg: EngineConfig, sp: SamplingParams) -> tuple[dict[str, list[int]], LLMEngine]:
+def _run(
+    model, prompts, cfg: EngineConfig, sp: SamplingParams
+) -> tuple[dict[str, list[int]], LLMEngine]:
     engine = LLMEngine(model, cfg)
     for i, p in enumerate(prompts):
         engine.add_request(engine.make_request(str(i), p, sp))

@@ -1,0 +1,241 @@
+"""shardwire client SDK: `Client` (blocking) and `AsyncClient` (asyncio).
+
+Needs only grpcio and protobuf. Every streaming call returns an iterator of
+`Chunk`; the last chunk carries `finish_reason` ("stop", "length" or "abort"),
+`usage` and `timing`. Failures surface as `grpc.RpcError` (for AsyncClient,
+`grpc.aio.AioRpcError`, a subclass) with `.code()` and `.details()`, e.g.
+INVALID_ARGUMENT naming the bad field, NOT_FOUND for an unknown model,
+UNAVAILABLE when no replica can serve, DEADLINE_EXCEEDED past `timeout`.
+Streams start when first iterated. Closing one early (`stream.close()`, or
+`await stream.aclose()`, or dropping it) cancels the call, which frees the
+request's KV cache on the server at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from shardwire.v1 import inference_pb2, inference_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+Messages = str | Sequence[Mapping[str, str] | tuple[str, str]]
+
+_FINISH_NAMES = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_ABORT: "abort",
+}
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_s: float
+    time_to_first_token_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New text and token ids; finish_reason, usage and timing only on the last chunk."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timing: Timing | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    max_context: int
+    vocab_size: int
+    tp_size: int
+    dtype: str
+    num_replicas: int
+
+
+def sampling_params(**sampling: Any) -> inference_pb2.SamplingParams:
+    """SamplingParams from keyword arguments; None leaves a field at the server default."""
+    unknown = set(sampling) - set(_SAMPLING_KEYS)
+    if unknown:
+        raise TypeError(f"unknown sampling arguments: {', '.join(sorted(unknown))}")
+    msg = inference_pb2.SamplingParams()
+    for key, value in sampling.items():
+        if value is None:
+            continue
+        if key == "stop":
+            msg.stop.extend([value] if isinstance(value, str) else list(value))
+        else:
+            setattr(msg, key, value)
+    return msg
+
+
+def chat_messages(messages: Messages) -> list[inference_pb2.ChatMessage]:
+    """A string is one user message; otherwise dicts with role/content or (role, content)."""
+    if isinstance(messages, str):
+        return [inference_pb2.ChatMessage(role="user", content=messages)]
+    out = []
+    for message in messages:
+        if isinstance(message, Mapping):
+            role, content = message["role"], message["content"]
+        else:
+            role, content = message
+        out.append(inference_pb2.ChatMessage(role=role, content=content))
+    return out
+
+
+def chunk_from_proto(msg: inference_pb2.GenerateChunk) -> Chunk:
+    finish = _FINISH_NAMES.get(msg.finish_reason)
+    usage = timing = None
+    if finish is not None:
+        u, t = msg.usage, msg.timing
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+        timing = Timing(t.queue_s, t.time_to_first_token_s, t.total_s)
+    return Chunk(msg.text, tuple(msg.token_ids), finish, usage, timing)
+
+
+def _model_info(msg: inference_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        msg.id, msg.max_context, msg.vocab_size, msg.tp_size, msg.dtype, msg.num_replicas
+    )
+
+
+def chat_request(
+    messages: Messages, model: str, session_id: str, **sampling: Any
+) -> inference_pb2.ChatRequest:
+    return inference_pb2.ChatRequest(
+        model=model,
+        messages=chat_messages(messages),
+        sampling=sampling_params(**sampling),
+        session_id=session_id,
+    )
+
+
+def translate_request(
+    text: str, source: str, target: str, model: str, **sampling: Any
+) -> inference_pb2.TranslateRequest:
+    return inference_pb2.TranslateRequest(
+        model=model,
+        text=text,
+        source_lang=source,
+        target_lang=target,
+        sampling=sampling_params(**sampling),
+    )
+
+
+def generate_request(
+    prompt: str | Sequence[int], model: str, **sampling: Any
+) -> inference_pb2.GenerateRequest:
+    request = inference_pb2.GenerateRequest(model=model, sampling=sampling_params(**sampling))
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_token_ids.extend(prompt)
+    return request
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) is the deadline of each call."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._timeout = timeout
+
+    def chat(
+        self, messages: Messages, *, model: str = "", session_id: str = "", **sampling: Any
+    ) -> Iterator[Chunk]:
+        request = chat_request(messages, model, session_id, **sampling)
+        return self._stream(self._stub.Chat, request)
+
+    def translate(
+        self, text: str, *, source: str = "auto", target: str, model: str = "", **sampling: Any
+    ) -> Iterator[Chunk]:
+        request = translate_request(text, source, target, model, **sampling)
+        return self._stream(self._stub.Translate, request)
+
+    def generate(
+        self, prompt: str | Sequence[int], *, model: str = "", **sampling: Any
+    ) -> Iterator[Chunk]:
+        return self._stream(self._stub.Generate, generate_request(prompt, model, **sampling))
+
+    def list_models(self) -> list[ModelInfo]:
+        response = self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=self._timeout)
+        return [_model_info(m) for m in response.models]
+
+    def _stream(self, method: Any, request: Any) -> Iterator[Chunk]:
+        call = method(request, timeout=self._timeout)
+        try:
+            for msg in call:
+                yield chunk_from_proto(msg)
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client; methods mirror `Client`, returning async iterators."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._timeout = timeout
+
+    def chat(
+        self, messages: Messages, *, model: str = "", session_id: str = "", **sampling: Any
+    ) -> AsyncIterator[Chunk]:
+        request = chat_request(messages, model, session_id, **sampling)
+        return self._stream(self._stub.Chat, request)
+
+    def translate(
+        self, text: str, *, source: str = "auto", target: str, model: str = "", **sampling: Any
+    ) -> AsyncIterator[Chunk]:
+        request = translate_request(text, source, target, model, **sampling)
+        return self._stream(self._stub.Translate, request)
+
+    def generate(
+        self, prompt: str | Sequence[int], *, model: str = "", **sampling: Any
+    ) -> AsyncIterator[Chunk]:
+        return self._stream(self._stub.Generate, generate_request(prompt, model, **sampling))
+
+    async def list_models(self) -> list[ModelInfo]:
+        request = inference_pb2.ListModelsRequest()
+        response = await self._stub.ListModels(request, timeout=self._timeout)
+        return [_model_info(m) for m in response.models]
+
+    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Chunk]:
+        call = method(request, timeout=self._timeout)
+        try:
+            async for msg in call:
+                yield chunk_from_proto(msg)
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

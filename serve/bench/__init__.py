@@ -1,0 +1,1 @@
+"""Benchmarks run by `shardwire bench` (figures are printed, never asserted)."""

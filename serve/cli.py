@@ -1,0 +1,136 @@
+"""The `shardwire` console script: server commands (up, gateway, shard, bench)
+and the client commands (chat, translate, generate, models).
+
+Server commands import torch lazily, so the client commands run on the base
+install."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from serve.config import EngineConfig, GatewayConfig, ShardConfig, env_str
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--model", default=env_str("SHARDWIRE_MODEL", "tiny"),
+                   help="preset name (tiny, small) or a Hugging Face folder")  # fmt: skip
+    p.add_argument("--dtype", default=env_str("SHARDWIRE_DTYPE", "float32"),
+                   choices=("float32", "bfloat16", "float16"))  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the presets' random weights")
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                   help="0: the model's context length")  # fmt: skip
+    p.add_argument("--kv-cache-mb", type=int, default=d.kv_cache_bytes // (1024 * 1024))
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def _engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        block_size=a.block_size,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        max_model_len=a.max_model_len,
+        kv_cache_bytes=a.kv_cache_mb * 1024 * 1024,
+        enable_prefix_caching=not a.no_prefix_caching,
+    )
+
+
+def _cmd_up(a: argparse.Namespace) -> int:
+    from serve.launch import LaunchConfig, run_up
+
+    cfg = LaunchConfig(
+        model=a.model, host=a.host, port=a.port, num_replicas=a.replicas, dtype=a.dtype,
+        seed=a.seed, engine=_engine_config(a), num_threads=a.num_threads,
+        log_level=a.log_level, log_format=a.log_format,
+    )  # fmt: skip
+    return asyncio.run(run_up(cfg, demo=a.demo))
+
+
+def _cmd_shard(a: argparse.Namespace) -> int:
+    from serve.shard.app import run_shard
+
+    cfg = ShardConfig(
+        model=a.model, host=a.host, port=a.port, dtype=a.dtype, seed=a.seed,
+        engine=_engine_config(a), num_threads=a.num_threads,
+    )  # fmt: skip
+    asyncio.run(run_shard(cfg))
+    return 0
+
+
+def _cmd_gateway(a: argparse.Namespace) -> int:
+    from serve.gateway.app import run_gateway
+
+    cfg = GatewayConfig(
+        model=a.model, host=a.host, port=a.port, replicas=tuple(a.replica),
+        max_tokens_limit=a.max_tokens_limit, log_prompts=a.log_prompts,
+    )  # fmt: skip
+    asyncio.run(run_gateway(cfg))
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from serve.bench.serve import main as bench_serve
+
+    return bench_serve(a.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardwire", description=__doc__)
+    parser.add_argument("--log-level", default=env_str("SHARDWIRE_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", default=env_str("SHARDWIRE_LOG_FORMAT", "text"),
+                        choices=("text", "json"))  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start replicas and the gateway on loopback")
+    _add_engine_args(up)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--replicas", type=int, default=1)
+    up.add_argument("--demo", action="store_true", help="stream a demo chat and translation")
+    up.set_defaults(func=_cmd_up)
+
+    shard = sub.add_parser("shard", help="run one replica leader (Shard service)")
+    _add_engine_args(shard)
+    shard.add_argument("--host", default="127.0.0.1")
+    shard.add_argument("--port", type=int, default=50061)
+    shard.set_defaults(func=_cmd_shard)
+
+    gw = sub.add_parser("gateway", help="run the public gateway (Inference service)")
+    gw.add_argument("--model", default=env_str("SHARDWIRE_MODEL", "tiny"),
+                    help="model whose tokenizer and template the gateway uses")  # fmt: skip
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=50051)
+    gw.add_argument("--replica", action="append", default=[], required=True,
+                    help="host:port of a replica leader (repeatable)")  # fmt: skip
+    gw.add_argument("--max-tokens-limit", type=int, default=GatewayConfig().max_tokens_limit)
+    gw.add_argument("--log-prompts", action="store_true", help="include prompt text in logs")
+    gw.set_defaults(func=_cmd_gateway)
+
+    bench = sub.add_parser("bench", help="benchmarks (see `shardwire bench serve --help`)")
+    bench.add_argument("which", choices=("serve",), help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_cmd_bench)
+
+    from clients.cli import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("up", "shard", "gateway", "bench"):
+        from serve.log import setup_logging
+
+        setup_logging(args.log_level, args.log_format)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The public gRPC frontend: validation, prompts, routing and detokenizing (no torch)."""

@@ -1,0 +1,163 @@
+"""Gateway process: the Inference service plus health and reflection, on grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from shardwire.v1 import inference_pb2, inference_pb2_grpc
+
+from serve.config import GatewayConfig
+from serve.errors import InvalidArgument
+from serve.gateway.admission import Limits
+from serve.gateway.interceptor import ErrorInterceptor
+from serve.gateway.router import Router
+from serve.gateway.servicer import InferenceServicer
+from serve.model.presets import is_preset
+from serve.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+HEALTH_SERVICES = ("", INFERENCE_SERVICE)
+
+
+def load_tokenizer(model: str) -> Tokenizer:
+    """A preset name gets the built-in tokenizer; anything else is a model folder."""
+    if is_preset(model):
+        return Tokenizer.builtin()
+    if not Path(model).is_dir():
+        raise InvalidArgument(f"model {model!r} is neither a preset nor a folder")
+    return Tokenizer.from_pretrained(model)
+
+
+def served_model_id(config: GatewayConfig) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    if is_preset(config.model):
+        return config.model
+    return Path(config.model).resolve().name
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class GatewayServer:
+    """A started gateway; `port` is the bound port."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        router: Router,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+        model_id: str,
+    ) -> None:
+        self._server = server
+        self._router = router
+        self._health = health_servicer
+        self.port = port
+        self.model_id = model_id
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting calls, lets running ones finish for `grace` seconds."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        await self._router.close()
+        logger.info("gateway on port %d stopped", self.port)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def start_gateway(config: GatewayConfig) -> GatewayServer:
+    """Binds the port, then waits until a replica answers Status (Unavailable after
+    config.startup_timeout_s)."""
+    tokenizer = await asyncio.to_thread(load_tokenizer, config.model)
+    model_id = served_model_id(config)
+    health_servicer = health.aio.HealthServicer()
+
+    async def on_health_change(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if serving:
+            status = health_pb2.HealthCheckResponse.SERVING
+        for name in HEALTH_SERVICES:
+            await health_servicer.set(name, status)
+
+    router = Router(
+        config.replicas,
+        poll_interval_s=config.status_poll_interval_s,
+        on_health_change=on_health_change,
+    )
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    servicer = InferenceServicer(
+        tokenizer=tokenizer,
+        router=router,
+        model_id=model_id,
+        limits=Limits.from_config(config),
+        log_prompts=config.log_prompts,
+    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(_address(config.host, config.port))
+    await on_health_change(False)
+    await server.start()
+    try:
+        await router.start()
+        await router.wait_ready(config.startup_timeout_s)
+    except BaseException:
+        await server.stop(None)
+        await router.close()
+        raise
+    logger.info(
+        "gateway listening on %s, model %s, replicas %s",
+        _address(config.host, port),
+        model_id,
+        ", ".join(config.replicas),
+    )
+    return GatewayServer(server, router, health_servicer, port, model_id)
+
+
+async def run_gateway(config: GatewayConfig, grace_s: float = 5.0) -> None:
+    """Starts the gateway and serves until SIGINT or SIGTERM."""
+    gateway = await start_gateway(config)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stopping.set)
+            installed.append(sig)
+    terminated = asyncio.create_task(gateway.wait_for_termination())
+    stop_requested = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({terminated, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        stop_requested.cancel()
+        logger.info("shutting down the gateway")
+        await gateway.stop(grace_s)
+        terminated.cancel()

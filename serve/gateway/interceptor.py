@@ -1,0 +1,94 @@
+"""The one server interceptor: domain errors -> gRPC status codes.
+
+A `ShardwireError` raised by any handler (unary or streaming, coroutine or
+async generator) aborts the call with the error's code and message; any other
+exception aborts with INTERNAL and its traceback is logged."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+
+from serve.errors import ShardwireError
+
+logger = logging.getLogger(__name__)
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+# Set by handlers once they know the request id, so error lines carry it.
+current_request_id: ContextVar[str] = ContextVar("shardwire_request_id", default="-")
+
+
+async def _abort(error: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+    rid = current_request_id.get()
+    if isinstance(error, ShardwireError):
+        code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+        logger.info("[%s] %s -> %s: %s", rid, method, code.name, error.message)
+        await context.abort(code, error.message)
+    logger.error("[%s] %s failed unexpectedly", rid, method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+
+
+def _wrap(behavior: Behavior, method: str) -> Behavior:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            responses = behavior(request, context)
+            try:
+                async for response in responses:
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                await _abort(error, context, method)
+            finally:
+                await responses.aclose()
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(error, context, method)
+
+    return call
+
+
+_FACTORIES = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        for kind, factory in _FACTORIES.items():
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return factory(
+                    _wrap(behavior, method),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler

@@ -1,0 +1,200 @@
+"""`shardwire up`: replica processes on loopback plus the gateway, in one command.
+
+Each replica is a child process running `shardwire shard`; the gateway runs in
+this process once every replica reports SERVING. Children die with the parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serve.config import EngineConfig, GatewayConfig, ShardConfig
+from serve.errors import Unavailable
+from serve.model.presets import is_preset
+
+logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    model: str = "tiny"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    num_replicas: int = 1
+    dtype: str = "float32"
+    seed: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    num_threads: int = 0
+    log_level: str = "info"
+    log_format: str = "text"
+    start_timeout_s: float = 180.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM when the launcher dies (Linux)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def shard_argv(cfg: ShardConfig, log_level: str, log_format: str) -> list[str]:
+    e = cfg.engine
+    return [
+        sys.executable, "-m", "serve.cli", "--log-level", log_level, "--log-format", log_format,
+        "shard",
+        "--model", cfg.model, "--host", cfg.host, "--port", str(cfg.port),
+        "--dtype", cfg.dtype, "--seed", str(cfg.seed),
+        "--block-size", str(e.block_size),
+        "--max-num-seqs", str(e.max_num_seqs),
+        "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+        "--max-model-len", str(e.max_model_len),
+        "--kv-cache-mb", str(e.kv_cache_bytes // (1024 * 1024)),
+        "--num-threads", str(cfg.num_threads),
+        *([] if e.enable_prefix_caching else ["--no-prefix-caching"]),
+    ]  # fmt: skip
+
+
+async def wait_serving(target: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Polls grpc.health.v1 at target until SERVING."""
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise Unavailable(f"process for {target} exited with code {proc.returncode}")
+            try:
+                resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise Unavailable(f"{target} not SERVING after {timeout_s:.0f} s")
+
+
+class Deployment:
+    """Replicas as child processes, the gateway in this process."""
+
+    def __init__(self, config: LaunchConfig) -> None:
+        self.config = config
+        self.procs: list[subprocess.Popen] = []
+        self.replica_targets: list[str] = []
+        self.gateway = None
+
+    async def start(self):  # -> GatewayServer
+        from serve.gateway.app import start_gateway
+
+        c = self.config
+        for _ in range(c.num_replicas):
+            port = free_port(c.host)
+            shard = ShardConfig(
+                model=c.model, host=c.host, port=port, dtype=c.dtype, seed=c.seed,
+                engine=c.engine, num_threads=c.num_threads,
+            )  # fmt: skip
+            argv = shard_argv(shard, c.log_level, c.log_format)
+            self.procs.append(subprocess.Popen(argv, preexec_fn=_die_with_parent))  # noqa: PLW1509
+            self.replica_targets.append(f"{c.host}:{port}")
+        try:
+            await asyncio.gather(
+                *(
+                    wait_serving(t, c.start_timeout_s, p)
+                    for t, p in zip(self.replica_targets, self.procs, strict=True)
+                )
+            )
+            gw = GatewayConfig(
+                model=c.model, host=c.host, port=c.port, replicas=tuple(self.replica_targets)
+            )
+            self.gateway = await start_gateway(gw)
+        except BaseException:
+            self.stop_replicas()
+            raise
+        return self.gateway
+
+    def stop_replicas(self, timeout_s: float = 10.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop(1.0)
+        await asyncio.to_thread(self.stop_replicas)
+
+
+async def run_up(config: LaunchConfig, demo: bool = False) -> int:
+    """Starts everything, optionally shows a demo, serves until SIGINT/SIGTERM."""
+    dep = Deployment(config)
+    gateway = await dep.start()
+    target = f"{config.host}:{gateway.port}"
+    print(f"shardwire is serving model {config.model!r} on {target} "
+          f"({config.num_replicas} replica(s)); Ctrl-C stops it", flush=True)  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if demo:
+            await show_demo(target, random_weights=is_preset(config.model))
+            print(f"\nstill serving on {target}; try: shardwire chat --target {target} \"hi\"",
+                  flush=True)  # fmt: skip
+        await stop.wait()
+    finally:
+        print("shutting down", flush=True)
+        await dep.stop()
+    return 0
+
+
+async def show_demo(target: str, random_weights: bool) -> None:
+    """Streams one chat answer and one translation through the public API."""
+    from clients.client import AsyncClient
+
+    async with AsyncClient(target) as client:
+        print("\n>>> chat: 'Hello! What can you do?'", flush=True)
+        async for chunk in client.chat(
+            "Hello! What can you do?", max_tokens=48, temperature=0.8, seed=1
+        ):
+            print(chunk.text, end="", flush=True)
+            last = chunk
+        print(f"\n[finish: {last.finish_reason}, usage: {last.usage}]", flush=True)
+        print("\n>>> translate en->de: 'The weather is nice today.'", flush=True)
+        stream = client.translate(
+            "The weather is nice today.",
+            source="en",
+            target="de",
+            max_tokens=48,
+            temperature=0.8,
+            seed=2,
+        )
+        async for chunk in stream:
+            print(chunk.text, end="", flush=True)
+            last = chunk
+        print(f"\n[finish: {last.finish_reason}, usage: {last.usage}]", flush=True)
+    if random_weights:
+        print("(the built-in 'tiny' model has random weights, so its text is noise; "
+              "serve a real checkpoint with --model PATH)", flush=True)  # fmt: skip
