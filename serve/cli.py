@@ -10,24 +10,81 @@ import argparse
 import asyncio
 import sys
 
-from serve.config import EngineConfig, GatewayConfig, ShardConfig, env_str
+from serve.config import EngineConfig, GatewayConfig, ShardConfig, TPConfig, env_int, env_str
+
+# `shardwire bench NAME` runs serve.bench.<module>.main(argv).
+BENCHMARKS = {"serve": "serve", "codecs": "codecs", "comm": "comm"}
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
-    p.add_argument("--model", default=env_str("SHARDWIRE_MODEL", "tiny"),
-                   help="preset name (tiny, small) or a Hugging Face folder")  # fmt: skip
-    p.add_argument("--dtype", default=env_str("SHARDWIRE_DTYPE", "float32"),
-                   choices=("float32", "bfloat16", "float16"))  # fmt: skip
+    p.add_argument(
+        "--model",
+        default=env_str("SHARDWIRE_MODEL", "tiny"),
+        help="preset name (tiny, small) or a Hugging Face folder",
+    )
+    p.add_argument(
+        "--dtype",
+        default=env_str("SHARDWIRE_DTYPE", "float32"),
+        choices=("float32", "bfloat16", "float16"),
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the presets' random weights")
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    p.add_argument("--max-model-len", type=int, default=d.max_model_len,
-                   help="0: the model's context length")  # fmt: skip
+    p.add_argument(
+        "--max-model-len", type=int, default=d.max_model_len, help="0: the model's context length"
+    )
     p.add_argument("--kv-cache-mb", type=int, default=d.kv_cache_bytes // (1024 * 1024))
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def _add_comm_args(p: argparse.ArgumentParser) -> None:
+    d = TPConfig()
+    p.add_argument(
+        "--comm-codec",
+        default=env_str("SHARDWIRE_COMM_CODEC", d.comm_codec),
+        help="activation codec between TP ranks: none|lossless|int8|fp8|int4[+zstd]|auto",
+    )
+    p.add_argument(
+        "--comm-accuracy",
+        default=d.comm_accuracy,
+        choices=("exact", "lossless", "lossy"),
+        help="what --comm-codec auto may choose from",
+    )
+    p.add_argument("--comm-zstd-level", type=int, default=d.comm_zstd_level)
+    p.add_argument(
+        "--tp-timeout",
+        type=float,
+        default=d.timeout_s,
+        help="seconds any collective may wait (a dead rank is noticed within it)",
+    )
+
+
+def _add_metrics_arg(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_int("SHARDWIRE_METRICS_PORT", 0),
+        help=f"Prometheus /metrics HTTP port, {whose} (0: a free port, -1: off)",
+    )
+
+
+def _tp_config(
+    a: argparse.Namespace, size: int, rank: int = 0, addr: str = "", port: int = 0
+) -> TPConfig:
+    d = TPConfig()
+    return TPConfig(
+        size=size,
+        rank=rank,
+        master_addr=addr or d.master_addr,
+        master_port=port or d.master_port,
+        timeout_s=a.tp_timeout,
+        comm_codec=a.comm_codec,
+        comm_accuracy=a.comm_accuracy,
+        comm_zstd_level=a.comm_zstd_level,
+    )
 
 
 def _engine_config(a: argparse.Namespace) -> EngineConfig:
@@ -45,20 +102,44 @@ def _cmd_up(a: argparse.Namespace) -> int:
     from serve.launch import LaunchConfig, run_up
 
     cfg = LaunchConfig(
-        model=a.model, host=a.host, port=a.port, num_replicas=a.replicas, dtype=a.dtype,
-        seed=a.seed, engine=_engine_config(a), num_threads=a.num_threads,
-        log_level=a.log_level, log_format=a.log_format,
-    )  # fmt: skip
+        model=a.model,
+        host=a.host,
+        port=a.port,
+        num_replicas=a.replicas,
+        dtype=a.dtype,
+        seed=a.seed,
+        engine=_engine_config(a),
+        num_threads=a.num_threads,
+        log_level=a.log_level,
+        log_format=a.log_format,
+        tp=_tp_config(a, a.tp),
+        metrics_port=a.metrics_port,
+    )
     return asyncio.run(run_up(cfg, demo=a.demo))
 
 
 def _cmd_shard(a: argparse.Namespace) -> int:
     from serve.shard.app import run_shard
 
+    tp = _tp_config(a, a.tp_size, a.tp_rank, a.master_addr, a.master_port)
     cfg = ShardConfig(
-        model=a.model, host=a.host, port=a.port, dtype=a.dtype, seed=a.seed,
-        engine=_engine_config(a), num_threads=a.num_threads,
-    )  # fmt: skip
+        model=a.model,
+        host=a.host,
+        port=a.port,
+        dtype=a.dtype,
+        seed=a.seed,
+        engine=_engine_config(a),
+        num_threads=a.num_threads,
+        tp=tp,
+        metrics_port=a.metrics_port,
+    )
+    if tp.rank > 0:
+        from serve.dist.worker import serve_worker
+
+        try:
+            return serve_worker(cfg)
+        except KeyboardInterrupt:  # Ctrl-C reaches every rank; the leader reports it
+            return 0
     asyncio.run(run_shard(cfg))
     return 0
 
@@ -67,24 +148,31 @@ def _cmd_gateway(a: argparse.Namespace) -> int:
     from serve.gateway.app import run_gateway
 
     cfg = GatewayConfig(
-        model=a.model, host=a.host, port=a.port, replicas=tuple(a.replica),
-        max_tokens_limit=a.max_tokens_limit, log_prompts=a.log_prompts,
-    )  # fmt: skip
+        model=a.model,
+        host=a.host,
+        port=a.port,
+        replicas=tuple(a.replica),
+        max_tokens_limit=a.max_tokens_limit,
+        log_prompts=a.log_prompts,
+        metrics_port=a.metrics_port,
+    )
     asyncio.run(run_gateway(cfg))
     return 0
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from serve.bench.serve import main as bench_serve
+    import importlib
 
-    return bench_serve(a.bench_args)
+    module = importlib.import_module(f"serve.bench.{BENCHMARKS[a.which]}")
+    return int(module.main(a.bench_args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwire", description=__doc__)
     parser.add_argument("--log-level", default=env_str("SHARDWIRE_LOG_LEVEL", "info"))
-    parser.add_argument("--log-format", default=env_str("SHARDWIRE_LOG_FORMAT", "text"),
-                        choices=("text", "json"))  # fmt: skip
+    parser.add_argument(
+        "--log-format", default=env_str("SHARDWIRE_LOG_FORMAT", "text"), choices=("text", "json")
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start replicas and the gateway on loopback")
@@ -92,28 +180,47 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051)
     up.add_argument("--replicas", type=int, default=1)
+    up.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    _add_comm_args(up)
     up.add_argument("--demo", action="store_true", help="stream a demo chat and translation")
+    _add_metrics_arg(up, "the gateway's; each replica leader gets a free port (-1: all off)")
     up.set_defaults(func=_cmd_up)
 
     shard = sub.add_parser("shard", help="run one replica leader (Shard service)")
     _add_engine_args(shard)
     shard.add_argument("--host", default="127.0.0.1")
-    shard.add_argument("--port", type=int, default=50061)
+    shard.add_argument("--port", type=int, default=50061, help="Shard API port (rank 0)")
+    # torchrun-style variables give the defaults, so one command line serves every rank.
+    shard.add_argument("--tp-size", type=int, default=env_int("WORLD_SIZE", 1))
+    shard.add_argument("--tp-rank", type=int, default=env_int("RANK", 0))
+    shard.add_argument("--master-addr", default=env_str("MASTER_ADDR", "127.0.0.1"))
+    shard.add_argument("--master-port", type=int, default=env_int("MASTER_PORT", 29500))
+    _add_comm_args(shard)
+    _add_metrics_arg(shard, "the leader's (rank 0)")
     shard.set_defaults(func=_cmd_shard)
 
     gw = sub.add_parser("gateway", help="run the public gateway (Inference service)")
-    gw.add_argument("--model", default=env_str("SHARDWIRE_MODEL", "tiny"),
-                    help="model whose tokenizer and template the gateway uses")  # fmt: skip
+    gw.add_argument(
+        "--model",
+        default=env_str("SHARDWIRE_MODEL", "tiny"),
+        help="model whose tokenizer and template the gateway uses",
+    )
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=50051)
-    gw.add_argument("--replica", action="append", default=[], required=True,
-                    help="host:port of a replica leader (repeatable)")  # fmt: skip
+    gw.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        required=True,
+        help="host:port of a replica leader (repeatable)",
+    )
     gw.add_argument("--max-tokens-limit", type=int, default=GatewayConfig().max_tokens_limit)
     gw.add_argument("--log-prompts", action="store_true", help="include prompt text in logs")
+    _add_metrics_arg(gw, "the gateway's")
     gw.set_defaults(func=_cmd_gateway)
 
     bench = sub.add_parser("bench", help="benchmarks (see `shardwire bench serve --help`)")
-    bench.add_argument("which", choices=("serve",), help="which benchmark")
+    bench.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_cmd_bench)
 

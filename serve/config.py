@@ -24,8 +24,24 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TPConfig:
+    """This process's place in its replica's tensor-parallel group."""
+
+    size: int = 1
+    rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    # Every collective waits at most this long: a dead or hung rank is noticed.
+    timeout_s: float = 30.0
+    # Activation codec: none|lossless|int8|fp8|int4 (+zstd) or auto.
+    comm_codec: str = "none"
+    comm_accuracy: str = "exact"
+    comm_zstd_level: int = 1
+
+
+@dataclass(frozen=True)
 class ShardConfig:
-    """One replica leader process (a TP group of size 1 for now)."""
+    """One rank of a replica; rank 0 (the leader) serves the Shard API."""
 
     model: str = "tiny"
     host: str = "127.0.0.1"
@@ -34,6 +50,9 @@ class ShardConfig:
     seed: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
     num_threads: int = 0
+    tp: TPConfig = field(default_factory=TPConfig)
+    # Prometheus /metrics of the leader (rank 0); 0 picks a free port, -1 is off.
+    metrics_port: int = -1
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,8 @@ class GatewayConfig:
     startup_timeout_s: float = 60.0
     # Seconds between Status polls of each replica (health and load).
     status_poll_interval_s: float = 1.0
+    # Prometheus /metrics over HTTP on host:metrics_port; 0 picks a free port, -1 is off.
+    metrics_port: int = -1
 
 
 def env_int(name: str, default: int) -> int:

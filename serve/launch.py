@@ -15,12 +15,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serve.config import EngineConfig, GatewayConfig, ShardConfig
+from serve.config import EngineConfig, GatewayConfig, ShardConfig, TPConfig
 from serve.errors import Unavailable
 from serve.model.presets import is_preset
 
@@ -42,6 +42,10 @@ class LaunchConfig:
     log_level: str = "info"
     log_format: str = "text"
     start_timeout_s: float = 180.0
+    # Size and comm settings of every replica's TP group (rank and port are set per process).
+    tp: TPConfig = field(default_factory=TPConfig)
+    # Gateway /metrics port (0: a free one); each replica leader gets a free one; -1: all off.
+    metrics_port: int = 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -59,18 +63,56 @@ def _die_with_parent() -> None:
 def shard_argv(cfg: ShardConfig, log_level: str, log_format: str) -> list[str]:
     e = cfg.engine
     return [
-        sys.executable, "-m", "serve.cli", "--log-level", log_level, "--log-format", log_format,
+        sys.executable,
+        "-m",
+        "serve.cli",
+        "--log-level",
+        log_level,
+        "--log-format",
+        log_format,
         "shard",
-        "--model", cfg.model, "--host", cfg.host, "--port", str(cfg.port),
-        "--dtype", cfg.dtype, "--seed", str(cfg.seed),
-        "--block-size", str(e.block_size),
-        "--max-num-seqs", str(e.max_num_seqs),
-        "--max-num-batched-tokens", str(e.max_num_batched_tokens),
-        "--max-model-len", str(e.max_model_len),
-        "--kv-cache-mb", str(e.kv_cache_bytes // (1024 * 1024)),
-        "--num-threads", str(cfg.num_threads),
+        "--model",
+        cfg.model,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--dtype",
+        cfg.dtype,
+        "--seed",
+        str(cfg.seed),
+        "--block-size",
+        str(e.block_size),
+        "--max-num-seqs",
+        str(e.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(e.max_num_batched_tokens),
+        "--max-model-len",
+        str(e.max_model_len),
+        "--kv-cache-mb",
+        str(e.kv_cache_bytes // (1024 * 1024)),
+        "--num-threads",
+        str(cfg.num_threads),
+        "--tp-size",
+        str(cfg.tp.size),
+        "--tp-rank",
+        str(cfg.tp.rank),
+        "--master-addr",
+        cfg.tp.master_addr,
+        "--master-port",
+        str(cfg.tp.master_port),
+        "--tp-timeout",
+        str(cfg.tp.timeout_s),
+        "--comm-codec",
+        cfg.tp.comm_codec,
+        "--comm-accuracy",
+        cfg.tp.comm_accuracy,
+        "--comm-zstd-level",
+        str(cfg.tp.comm_zstd_level),
+        "--metrics-port",
+        str(cfg.metrics_port),
         *([] if e.enable_prefix_caching else ["--no-prefix-caching"]),
-    ]  # fmt: skip
+    ]
 
 
 async def wait_serving(target: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -97,7 +139,10 @@ class Deployment:
     def __init__(self, config: LaunchConfig) -> None:
         self.config = config
         self.procs: list[subprocess.Popen] = []
+        self.leaders: list[subprocess.Popen] = []
         self.replica_targets: list[str] = []
+        # /metrics port of each replica leader (-1: off).
+        self.replica_metrics_ports: list[int] = []
         self.gateway = None
 
     async def start(self):  # -> GatewayServer
@@ -106,22 +151,41 @@ class Deployment:
         c = self.config
         for _ in range(c.num_replicas):
             port = free_port(c.host)
-            shard = ShardConfig(
-                model=c.model, host=c.host, port=port, dtype=c.dtype, seed=c.seed,
-                engine=c.engine, num_threads=c.num_threads,
-            )  # fmt: skip
-            argv = shard_argv(shard, c.log_level, c.log_format)
-            self.procs.append(subprocess.Popen(argv, preexec_fn=_die_with_parent))  # noqa: PLW1509
+            master_port = free_port(c.host) if c.tp.size > 1 else c.tp.master_port
+            metrics_port = free_port(c.host) if c.metrics_port >= 0 else -1
+            self.replica_metrics_ports.append(metrics_port)
+            for rank in range(c.tp.size):
+                tp = replace(c.tp, rank=rank, master_addr=c.host, master_port=master_port)
+                shard = ShardConfig(
+                    model=c.model,
+                    host=c.host,
+                    port=port,
+                    dtype=c.dtype,
+                    seed=c.seed,
+                    engine=c.engine,
+                    num_threads=c.num_threads,
+                    tp=tp,
+                    metrics_port=metrics_port if rank == 0 else -1,
+                )
+                argv = shard_argv(shard, c.log_level, c.log_format)
+                proc = subprocess.Popen(argv, preexec_fn=_die_with_parent)  # noqa: PLW1509
+                self.procs.append(proc)
+                if rank == 0:
+                    self.leaders.append(proc)
             self.replica_targets.append(f"{c.host}:{port}")
         try:
             await asyncio.gather(
                 *(
                     wait_serving(t, c.start_timeout_s, p)
-                    for t, p in zip(self.replica_targets, self.procs, strict=True)
+                    for t, p in zip(self.replica_targets, self.leaders, strict=True)
                 )
             )
             gw = GatewayConfig(
-                model=c.model, host=c.host, port=c.port, replicas=tuple(self.replica_targets)
+                model=c.model,
+                host=c.host,
+                port=c.port,
+                replicas=tuple(self.replica_targets),
+                metrics_port=c.metrics_port,
             )
             self.gateway = await start_gateway(gw)
         except BaseException:
@@ -152,8 +216,19 @@ async def run_up(config: LaunchConfig, demo: bool = False) -> int:
     dep = Deployment(config)
     gateway = await dep.start()
     target = f"{config.host}:{gateway.port}"
-    print(f"shardwire is serving model {config.model!r} on {target} "
-          f"({config.num_replicas} replica(s)); Ctrl-C stops it", flush=True)  # fmt: skip
+    print(
+        f"shardwire is serving model {config.model!r} on {target} "
+        f"({config.num_replicas} replica(s) x TP {config.tp.size}); Ctrl-C stops it",
+        flush=True,
+    )
+    if gateway.metrics_port is not None:
+        urls = [f"gateway http://{config.host}:{gateway.metrics_port}/metrics"]
+        urls += [
+            f"replica {i} http://{config.host}:{port}/metrics"
+            for i, port in enumerate(dep.replica_metrics_ports)
+            if port >= 0
+        ]
+        print("metrics: " + ", ".join(urls), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -161,8 +236,10 @@ async def run_up(config: LaunchConfig, demo: bool = False) -> int:
     try:
         if demo:
             await show_demo(target, random_weights=is_preset(config.model))
-            print(f"\nstill serving on {target}; try: shardwire chat --target {target} \"hi\"",
-                  flush=True)  # fmt: skip
+            print(
+                f'\nstill serving on {target}; try: shardwire chat --target {target} "hi"',
+                flush=True,
+            )
         await stop.wait()
     finally:
         print("shutting down", flush=True)
@@ -196,5 +273,8 @@ async def show_demo(target: str, random_weights: bool) -> None:
             last = chunk
         print(f"\n[finish: {last.finish_reason}, usage: {last.usage}]", flush=True)
     if random_weights:
-        print("(the built-in 'tiny' model has random weights, so its text is noise; "
-              "serve a real checkpoint with --model PATH)", flush=True)  # fmt: skip
+        print(
+            "(the built-in 'tiny' model has random weights, so its text is noise; "
+            "serve a real checkpoint with --model PATH)",
+            flush=True,
+        )

@@ -1,4 +1,5 @@
-"""The tensor-parallel group a model's layers communicate through.
+"""The tensor-parallel group a model's layers communicate through, and the
+channel that carries step plans from the leader to the other ranks.
 
 A group of size 1 is the single-process path: every collective is the identity,
 so one device runs exactly the code that N ranks run.
@@ -7,20 +8,52 @@ so one device runs exactly the code that N ranks run.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
+from serve.dist.plan import HEADER_LEN, StepPlan, check_header, pack, unpack
+
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+class Collectives(Protocol):
+    """What layers need from the communication layer (serve.comm)."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor: ...
+
+
+class PlainCollectives:
+    """torch.distributed collectives, uncompressed."""
+
+    def __init__(self, size: int, pg: object | None = None) -> None:
+        self.size = size
+        self.pg = pg
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.pg)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.pg)
+        return torch.cat(parts, dim=dim)
+
+
+@dataclass
 class ParallelGroup:
+    """This rank's view of its TP group. `comm` is attached once the process
+    group exists (layers are built before, while weights load)."""
+
     rank: int = 0
     size: int = 1
-    # None: the default torch.distributed group (only used when size > 1).
-    pg: object | None = None
+    comm: Collectives | None = None
 
     @classmethod
     def single(cls) -> ParallelGroup:
@@ -31,22 +64,90 @@ class ParallelGroup:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sums x over the ranks (in place when size > 1)."""
+        """The sum of x over the ranks."""
         if self.size == 1:
             return x
-        dist.all_reduce(x, group=self.pg)
-        return x
+        return self.comm.all_reduce(x)  # type: ignore[union-attr]
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Concatenates every rank's x along dim."""
+        """Every rank's x, concatenated along dim."""
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.pg)
-        return torch.cat(parts, dim=dim)
+        return self.comm.all_gather(x, dim)  # type: ignore[union-attr]
 
     def shard(self, n: int, what: str) -> int:
         """The per-rank share of n items, which must divide evenly."""
         if n % self.size:
             raise ValueError(f"{what} ({n}) is not divisible by the TP size ({self.size})")
         return n // self.size
+
+
+def init_process_group(
+    rank: int, size: int, master_addr: str, master_port: int, timeout_s: float
+) -> None:
+    """Joins the TP group: gloo on CPU, NCCL when CUDA is present. The timeout
+    bounds every collective, so a dead or hung rank is noticed in seconds."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    logger.info(
+        "rank %d/%d joined the %s group at %s:%d", rank, size, backend, master_addr, master_port
+    )
+
+
+PLAN_STEP, PLAN_HEARTBEAT, PLAN_STOP = 0, 1, 2
+
+
+class PlanChannel:
+    """Leader -> ranks: step plans, heartbeats while idle, and stop.
+
+    Each message is a kind tensor, then (for steps) the packed header and
+    payload. Two ranks use send/recv (far cheaper than broadcast on gloo)."""
+
+    def __init__(self, rank: int, size: int, heartbeat_s: float = 1.0) -> None:
+        self.rank = rank
+        self.size = size
+        self.heartbeat_s = heartbeat_s
+        self._last_sent = time.monotonic()
+
+    def _send(self, t: torch.Tensor) -> None:
+        if self.size == 2:
+            dist.send(t, dst=1)
+        else:
+            dist.broadcast(t, src=0)
+
+    def _recv(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size == 2:
+            dist.recv(t, src=0)
+        else:
+            dist.broadcast(t, src=0)
+        return t
+
+    def send_plan(self, plan: StepPlan) -> None:
+        header, payload = pack(plan)
+        self._send(torch.cat([torch.tensor([PLAN_STEP]), header]))
+        self._send(payload)
+        self._last_sent = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """Tells idle ranks the leader lives (they would time out otherwise)."""
+        if time.monotonic() - self._last_sent >= self.heartbeat_s:
+            self._send(torch.tensor([PLAN_HEARTBEAT] + [0] * HEADER_LEN))
+            self._last_sent = time.monotonic()
+
+    def stop(self) -> None:
+        self._send(torch.tensor([PLAN_STOP] + [0] * HEADER_LEN))
+
+    def recv(self) -> tuple[int, StepPlan | None]:
+        msg = self._recv(torch.empty(1 + HEADER_LEN, dtype=torch.long))
+        kind = int(msg[0])
+        if kind != PLAN_STEP:
+            return kind, None
+        header = msg[1:]
+        payload = self._recv(torch.empty(check_header(header), dtype=torch.long))
+        return kind, unpack(header, payload)

@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from serve.config import EngineConfig
+from serve.dist.group import PlanChannel
 from serve.engine.kv_cache import KVCacheManager
 from serve.engine.request import Request, RequestOutput, SamplingParams
-from serve.engine.runner import ModelRunner, kv_block_bytes
+from serve.engine.runner import ModelRunner, num_kv_blocks
 from serve.engine.scheduler import Scheduler
 from serve.errors import EngineDead, InvalidArgument, ResourceExhausted
 from serve.model.llama import LlamaForCausalLM
@@ -34,23 +35,31 @@ class EngineStats:
     prefix_cache_query_tokens: int
     prefix_cache_hit_tokens: int
     num_preemptions: int
+    # The last step's batch (0 when the engine is idle) and the steps run so far.
+    last_step_num_seqs: int = 0
+    last_step_num_tokens: int = 0
+    num_steps: int = 0
 
 
 class LLMEngine:
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, config: EngineConfig, channel: PlanChannel | None = None
+    ) -> None:
         self.model = model
         self.config = config
         cfg = model.config
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
         )
-        num_blocks = config.num_kv_blocks or max(
-            config.kv_cache_bytes // kv_block_bytes(model, config.block_size), 1
-        )
+        num_blocks = num_kv_blocks(model, config)
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
-        self.runner = ModelRunner(model, config, num_blocks)
+        self.runner = ModelRunner(model, config, num_blocks, channel)
+        # Read by stats() from other threads: plain ints, written by the engine thread.
+        self.last_step_num_seqs = 0
+        self.last_step_num_tokens = 0
+        self.num_steps = 0
         logger.info(
             "engine ready: %d KV blocks of %d tokens, max_model_len %d",
             num_blocks,
@@ -98,8 +107,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_step_num_seqs = len(out.decodes) + len(out.prefills)
+        self.last_step_num_tokens = out.num_tokens
         if out.is_empty:
+            self.runner.idle()
             return []
+        self.num_steps += 1
         result = self.runner.execute(out, self.kv.req_blocks)
         return self.scheduler.update(out, result.sampled)
 
@@ -113,6 +126,9 @@ class LLMEngine:
             prefix_cache_query_tokens=self.kv.num_query_tokens,
             prefix_cache_hit_tokens=self.kv.num_hit_tokens,
             num_preemptions=s.num_preemptions,
+            last_step_num_seqs=self.last_step_num_seqs,
+            last_step_num_tokens=self.last_step_num_tokens,
+            num_steps=self.num_steps,
         )
 
 
@@ -172,6 +188,8 @@ class AsyncEngine:
         self._stopped.set()
         self._commands.put(("stop", None))
         self._thread.join(timeout=10)
+        if self.error is None and not self._thread.is_alive():
+            self.engine.runner.close()
 
     def _loop(self) -> None:
         try:

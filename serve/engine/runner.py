@@ -1,6 +1,7 @@
 """Turns a SchedulerOutput into tensors (a StepPlan), runs the model on the
-paged KV cache and samples. The StepPlan holds only tensors and ints, so a TP
-leader can send it to the other ranks as tensors."""
+paged KV cache and samples. In a TP group the leader sends each plan to the
+other ranks (serve.dist.group.PlanChannel) before running it; they run the
+same forward, so the row- and vocab-parallel all-reduces meet."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from serve.config import EngineConfig
+from serve.dist.group import PlanChannel
+from serve.dist.plan import StepPlan
 from serve.engine.request import Request
 from serve.engine.sampler import sample
 from serve.engine.scheduler import SchedulerOutput
@@ -17,15 +20,6 @@ from serve.model.attention import AttentionMetadata, PrefillChunk
 from serve.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepPlan:
-    input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    meta: AttentionMetadata
-    # Rows of the hidden states whose logits are sampled.
-    sample_indices: torch.Tensor  # [num_samples] int64
 
 
 @dataclass(frozen=True)
@@ -41,9 +35,24 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
     return per_layer * len(model.model.layers)
 
 
+def num_kv_blocks(model: LlamaForCausalLM, config: EngineConfig) -> int:
+    """Blocks in the pool: configured, or as many as kv_cache_bytes holds
+    (the same on every rank of a TP group, whose KV heads split evenly)."""
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    return max(config.kv_cache_bytes // kv_block_bytes(model, config.block_size), 1)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig,
+        num_blocks: int,
+        channel: PlanChannel | None = None,
+    ) -> None:
         self.model = model
+        self.channel = channel
         self.block_size = config.block_size
         attn = model.model.layers[0].self_attn
         shape = (2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
@@ -106,6 +115,8 @@ class ModelRunner:
         self, out: SchedulerOutput, block_tables: dict[str, list[int]]
     ) -> ModelRunnerOutput:
         plan = self.prepare(out, block_tables)
+        if self.channel is not None:
+            self.channel.send_plan(plan)
         logits = self.run(plan)
         reqs: list[Request] = list(out.decodes) + [
             r for r, n in out.prefills if r.num_computed_tokens + n == r.num_tokens
@@ -117,3 +128,14 @@ class ModelRunner:
             [r.num_output_tokens for r in reqs],
         )
         return ModelRunnerOutput({r.request_id: t for r, t in zip(reqs, tokens, strict=True)})
+
+    def idle(self) -> None:
+        """Called when a step has nothing to run: keeps the other ranks alive."""
+        if self.channel is not None:
+            self.channel.heartbeat()
+
+    def close(self) -> None:
+        """Releases the other ranks of the group."""
+        if self.channel is not None:
+            self.channel.stop()
+            self.channel = None

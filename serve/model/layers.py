@@ -2,8 +2,11 @@
 layers need no communication, row-parallel layers and the vocab embedding
 all-reduce through the group, the LM head gathers logits.
 
-Every parameter carries `tp_dim`: the dimension along which it is split across
-ranks (None when replicated); the loader slices checkpoint tensors with it.
+Every parameter carries `tp_dim` (the dimension along which the full tensor is
+split, None when replicated), `tp_index` and `tp_count` (this rank holds piece
+tp_index of tp_count equal pieces). Usually the pieces are the ranks; KV
+projections with fewer KV heads than ranks are split by head and each piece is
+held by several ranks. The loader and the random initialiser slice with them.
 """
 
 from __future__ import annotations
@@ -18,9 +21,15 @@ from serve.dist.group import ParallelGroup
 from serve.model.config import RopeScaling
 
 
-def _param(shape: tuple[int, ...], tp_dim: int | None, dtype: torch.dtype) -> nn.Parameter:
+def _param(
+    shape: tuple[int, ...],
+    tp_dim: int | None,
+    dtype: torch.dtype,
+    piece: tuple[int, int] = (0, 1),
+) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     p.tp_dim = tp_dim  # type: ignore[attr-defined]
+    p.tp_index, p.tp_count = piece if tp_dim is not None else (0, 1)  # type: ignore[attr-defined]
     return p
 
 
@@ -34,11 +43,15 @@ class ColumnParallelLinear(nn.Module):
         bias: bool,
         group: ParallelGroup,
         dtype: torch.dtype,
+        piece: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        out_local = group.shard(out_features, "output features")
-        self.weight = _param((out_local, in_features), 0, dtype)
-        self.bias = _param((out_local,), 0, dtype) if bias else None
+        index, count = piece or (group.rank, group.size)
+        if out_features % count:
+            raise ValueError(f"output features ({out_features}) do not split into {count} pieces")
+        out_local = out_features // count
+        self.weight = _param((out_local, in_features), 0, dtype, (index, count))
+        self.bias = _param((out_local,), 0, dtype, (index, count)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -53,7 +66,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         in_local = group.shard(in_features, "input features")
-        self.weight = _param((out_features, in_local), 1, dtype)
+        self.weight = _param((out_features, in_local), 1, dtype, (group.rank, group.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.all_reduce(F.linear(x, self.weight))
@@ -70,7 +83,7 @@ class VocabParallelEmbedding(nn.Module):
         self.group = group
         self.vocab_local = math.ceil(vocab_size / group.size)
         self.vocab_start = group.rank * self.vocab_local
-        self.weight = _param((self.vocab_local, hidden), 0, dtype)
+        self.weight = _param((self.vocab_local, hidden), 0, dtype, (group.rank, group.size))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.size == 1:
@@ -91,7 +104,8 @@ class ParallelLMHead(nn.Module):
         super().__init__()
         self.group = group
         self.vocab_size = vocab_size
-        self.weight = _param((math.ceil(vocab_size / group.size), hidden), 0, dtype)
+        rows = math.ceil(vocab_size / group.size)
+        self.weight = _param((rows, hidden), 0, dtype, (group.rank, group.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.weight)  # [n, vocab_local]

@@ -24,23 +24,34 @@ from serve.model.layers import (
 )
 
 
+def kv_head_piece(num_kv_heads: int, group: ParallelGroup) -> tuple[int, int]:
+    """Which piece of the KV heads this rank holds: its own share when the KV
+    heads divide among the ranks, else one head shared by tp / kv ranks (GQA
+    with fewer KV heads than ranks: replicated)."""
+    if num_kv_heads % group.size == 0:
+        return group.rank, group.size
+    if group.size % num_kv_heads:
+        raise ValueError(
+            f"KV heads ({num_kv_heads}) and TP size ({group.size}) must divide one another"
+        )
+    return group.rank // (group.size // num_kv_heads), num_kv_heads
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, group: ParallelGroup, dtype: torch.dtype) -> None:
         super().__init__()
         d = cfg.head_dim
         self.num_heads = group.shard(cfg.num_heads, "attention heads")
-        self.num_kv_heads = group.shard(cfg.num_kv_heads, "KV heads")
+        kv_piece = kv_head_piece(cfg.num_kv_heads, group)
+        self.num_kv_heads = cfg.num_kv_heads // kv_piece[1]
         self.head_dim = d
         self.scale = d**-0.5
         self.sliding_window = cfg.sliding_window
         bias = cfg.attention_bias
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, bias, group, dtype)
-        self.k_proj = ColumnParallelLinear(
-            cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype
-        )
-        self.v_proj = ColumnParallelLinear(
-            cfg.hidden_size, cfg.num_kv_heads * d, bias, group, dtype
-        )
+        kv = cfg.num_kv_heads * d
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv, bias, group, dtype, kv_piece)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv, bias, group, dtype, kv_piece)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, group, dtype)
 
     def forward(
@@ -161,12 +172,13 @@ class LlamaForCausalLM(nn.Module):
                 p.data.zero_()
                 continue
             tp_dim = p.tp_dim  # type: ignore[attr-defined]
+            index, count = p.tp_index, p.tp_count  # type: ignore[attr-defined]
             full = list(p.shape)
             if tp_dim is not None:
-                full[tp_dim] *= self.group.size
+                full[tp_dim] *= count
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             std = 1.0 if "embed" in name else 0.02
             w = torch.randn(full, generator=gen) * std
             if tp_dim is not None:
-                w = w.narrow(tp_dim, self.group.rank * p.shape[tp_dim], p.shape[tp_dim])
+                w = w.narrow(tp_dim, index * p.shape[tp_dim], p.shape[tp_dim])
             p.data.copy_(w)

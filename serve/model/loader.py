@@ -109,7 +109,7 @@ def load_weights(net: LlamaForCausalLM, folder: Path, group: ParallelGroup) -> N
                     t = sl[:]
                 else:
                     full = sl.get_shape()[tp_dim]
-                    start = group.rank * p.shape[tp_dim]
+                    start = p.tp_index * p.shape[tp_dim]  # type: ignore[attr-defined]
                     stop = min(start + p.shape[tp_dim], full)
                     index = [slice(None)] * len(p.shape)
                     index[tp_dim] = slice(start, stop)
@@ -135,7 +135,8 @@ def _full_shape(
     shape = list(p.shape)
     tp_dim = p.tp_dim  # type: ignore[attr-defined]
     if tp_dim is not None:
-        full = net.config.vocab_size if name in _VOCAB_TENSORS else shape[tp_dim] * group.size
+        count = p.tp_count  # type: ignore[attr-defined]
+        full = net.config.vocab_size if name in _VOCAB_TENSORS else shape[tp_dim] * count
         shape[tp_dim] = full
     return shape
 

@@ -8,14 +8,14 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shardwire.v1 import shard_pb2_grpc
 
 from serve.config import ShardConfig
+from serve.dist.worker import load_rank
 from serve.engine.engine import AsyncEngine, LLMEngine
 from serve.gateway.interceptor import ErrorInterceptor
-from serve.model.loader import load_model
+from serve.metrics import MetricsServer, replica_registry, serve_metrics
 from serve.shard.servicer import ShardServicer
 
 logger = logging.getLogger(__name__)
@@ -29,22 +29,37 @@ class ShardServer:
     engine: AsyncEngine
     health: health.aio.HealthServicer
     port: int
+    metrics_server: MetricsServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
 
     async def stop(self, grace: float | None = None) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await asyncio.to_thread(self.engine.shutdown)
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
 
 
 def build_engine(config: ShardConfig) -> AsyncEngine:
-    if config.num_threads > 0:
-        torch.set_num_threads(config.num_threads)
-    model = load_model(config.model, dtype=config.dtype, seed=config.seed)
-    return AsyncEngine(LLMEngine(model, config.engine))
+    model, channel = load_rank(config)
+    return AsyncEngine(LLMEngine(model, config.engine, channel))
+
+
+async def _watch_engine(engine: AsyncEngine, health_servicer: health.aio.HealthServicer) -> None:
+    """Turns health NOT_SERVING once the engine loop dies (e.g. a TP rank is gone)."""
+    while engine.is_alive:
+        await asyncio.sleep(0.5)
+    if engine.error is not None:
+        logger.error("engine stopped: %s; reporting NOT_SERVING", engine.error)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def start_shard(config: ShardConfig) -> ShardServer:
@@ -52,7 +67,7 @@ async def start_shard(config: ShardConfig) -> ShardServer:
     engine = await asyncio.to_thread(build_engine, config)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
     shard_pb2_grpc.add_ShardServicer_to_server(
-        ShardServicer(engine, config.model, config.dtype), server
+        ShardServicer(engine, config.model, config.dtype, config.tp.size), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -62,12 +77,14 @@ async def start_shard(config: ShardConfig) -> ShardServer:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    asyncio.get_running_loop().create_task(_watch_engine(engine, health_servicer))
     logger.info("shard serving %s on %s:%d", config.model, config.host, port)
-    return ShardServer(server, engine, health_servicer, port)
+    metrics = serve_metrics(replica_registry(engine.stats), config.host, config.metrics_port)
+    return ShardServer(server, engine, health_servicer, port, metrics)
 
 
 async def run_shard(config: ShardConfig) -> None:
-    """Serves until SIGINT or SIGTERM."""
+    """Serves until SIGINT or SIGTERM (rank 0 of its TP group)."""
     shard = await start_shard(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,65 @@
+"""Setting up one rank of a TP group, and the loop of the non-leader ranks."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from serve.config import ShardConfig
+from serve.dist.group import (
+    PLAN_STEP,
+    PLAN_STOP,
+    ParallelGroup,
+    PlainCollectives,
+    PlanChannel,
+    init_process_group,
+)
+from serve.engine.runner import ModelRunner, num_kv_blocks
+from serve.model.llama import LlamaForCausalLM
+from serve.model.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+def load_rank(config: ShardConfig) -> tuple[LlamaForCausalLM, PlanChannel | None]:
+    """Loads this rank's slice of the weights, then joins the group (so slow
+    loading does not eat into the collectives' timeout)."""
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    tp = config.tp
+    group = ParallelGroup(tp.rank, tp.size)
+    model = load_model(config.model, group=group, dtype=config.dtype, seed=config.seed)
+    if tp.size == 1:
+        return model, None
+    init_process_group(tp.rank, tp.size, tp.master_addr, tp.master_port, tp.timeout_s)
+    group.comm = PlainCollectives(tp.size)
+    return model, PlanChannel(tp.rank, tp.size)
+
+
+def run_worker(runner: ModelRunner, channel: PlanChannel) -> None:
+    """Runs the leader's plans until it sends stop; a dead leader ends the loop
+    through the process group's timeout (an exception)."""
+    num_steps = 0
+    while True:
+        kind, plan = channel.recv()
+        if kind == PLAN_STOP:
+            logger.info("rank %d stopping after %d steps", channel.rank, num_steps)
+            return
+        if kind == PLAN_STEP and plan is not None:
+            runner.run(plan)
+            num_steps += 1
+
+
+def serve_worker(config: ShardConfig) -> int:
+    """The whole life of a rank > 0."""
+    model, channel = load_rank(config)
+    if channel is None:
+        raise ValueError("serve_worker needs a TP group of size > 1")
+    runner = ModelRunner(model, config.engine, num_kv_blocks(model, config.engine))
+    try:
+        run_worker(runner, channel)
+    finally:
+        dist.destroy_process_group()
+    return 0
