@@ -29,23 +29,6 @@ class Collectives(Protocol):
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor: ...
 
 
-class PlainCollectives:
-    """torch.distributed collectives, uncompressed."""
-
-    def __init__(self, size: int, pg: object | None = None) -> None:
-        self.size = size
-        self.pg = pg
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x, group=self.pg)
-        return x
-
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.pg)
-        return torch.cat(parts, dim=dim)
-
-
 @dataclass
 class ParallelGroup:
     """This rank's view of its TP group. `comm` is attached once the process

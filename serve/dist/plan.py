@@ -66,7 +66,7 @@ def check_header(header: torch.Tensor) -> int:
     ):
         raise InvalidArgument("step plan header has impossible token counts")
     if not (
-        0 <= ns <= num_tokens and 0 <= width and block_size > 0 and 0 <= length <= MAX_PLAN_INTS
+        0 <= ns <= num_tokens and width >= 0 and block_size > 0 and 0 <= length <= MAX_PLAN_INTS
     ):
         raise InvalidArgument("step plan header has impossible sizes")
     return length

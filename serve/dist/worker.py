@@ -7,12 +7,12 @@ import logging
 import torch
 import torch.distributed as dist
 
+from serve.comm.collectives import CommConfig, Communicator
 from serve.config import ShardConfig
 from serve.dist.group import (
     PLAN_STEP,
     PLAN_STOP,
     ParallelGroup,
-    PlainCollectives,
     PlanChannel,
     init_process_group,
 )
@@ -34,7 +34,10 @@ def load_rank(config: ShardConfig) -> tuple[LlamaForCausalLM, PlanChannel | None
     if tp.size == 1:
         return model, None
     init_process_group(tp.rank, tp.size, tp.master_addr, tp.master_port, tp.timeout_s)
-    group.comm = PlainCollectives(tp.size)
+    comm_config = CommConfig(
+        codec=tp.comm_codec, accuracy=tp.comm_accuracy, zstd_level=tp.comm_zstd_level
+    )
+    group.comm = Communicator.start(tp.rank, tp.size, comm_config, dtype=model.dtype)
     return model, PlanChannel(tp.rank, tp.size)
 
 
