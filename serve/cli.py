@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
-from serve.config import EngineConfig, GatewayConfig, ShardConfig, TPConfig, env_int, env_str
+from serve.config import (
+    EngineConfig,
+    GatewayConfig,
+    ShardConfig,
+    TPConfig,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
+
+logger = logging.getLogger(__name__)
 
 # `shardwire bench NAME` runs serve.bench.<module>.main(argv).
-BENCHMARKS = {"serve": "serve", "codecs": "codecs", "comm": "comm"}
+BENCHMARKS = {"serve": "serve", "codecs": "codecs", "comm": "comm", "tp": "tp"}
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -57,8 +69,17 @@ def _add_comm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tp-timeout",
         type=float,
-        default=d.timeout_s,
+        default=env_float("SHARDWIRE_TP_TIMEOUT", d.timeout_s),
         help="seconds any collective may wait (a dead rank is noticed within it)",
+    )
+
+
+def _add_drain_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=env_float("SHARDWIRE_DRAIN_TIMEOUT", GatewayConfig().drain_timeout_s),
+        help=f"on SIGTERM, seconds {what} may take to finish before exiting",
     )
 
 
@@ -100,6 +121,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
 
 def _cmd_up(a: argparse.Namespace) -> int:
     from serve.launch import LaunchConfig, run_up
+    from serve.supervisor import RestartPolicy
 
     cfg = LaunchConfig(
         model=a.model,
@@ -114,11 +136,30 @@ def _cmd_up(a: argparse.Namespace) -> int:
         log_format=a.log_format,
         tp=_tp_config(a, a.tp),
         metrics_port=a.metrics_port,
+        drain_timeout_s=a.drain_timeout,
+        restart=RestartPolicy(enabled=not a.no_restart),
     )
     return asyncio.run(run_up(cfg, demo=a.demo))
 
 
+def _exit_with_launcher(launcher_pid: int) -> None:
+    """A rank started by `shardwire up` gets SIGTERM when the launcher dies (Linux)."""
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != launcher_pid:  # it died before the signal was armed
+        sys.exit(f"launcher {launcher_pid} is gone")
+
+
 def _cmd_shard(a: argparse.Namespace) -> int:
+    if a.launcher_pid:
+        _exit_with_launcher(a.launcher_pid)
     from serve.shard.app import run_shard
 
     tp = _tp_config(a, a.tp_size, a.tp_rank, a.master_addr, a.master_port)
@@ -132,32 +173,52 @@ def _cmd_shard(a: argparse.Namespace) -> int:
         num_threads=a.num_threads,
         tp=tp,
         metrics_port=a.metrics_port,
+        drain_timeout_s=a.drain_timeout,
     )
     if tp.rank > 0:
+        import signal
+
         from serve.dist.worker import serve_worker
 
+        # SIGTERM stops a rank like Ctrl-C: it cannot drain alone (its leader does),
+        # and a rank already leaving after the leader's stop still exits 0.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return serve_worker(cfg)
         except KeyboardInterrupt:  # Ctrl-C reaches every rank; the leader reports it
             return 0
-    asyncio.run(run_shard(cfg))
-    return 0
+        except Exception as exc:  # noqa: BLE001 - the group is broken: exit so it restarts
+            logger.error("rank %d/%d leaves its group: %s", tp.rank, tp.size, exc)
+            return 1
+    return asyncio.run(run_shard(cfg))
 
 
 def _cmd_gateway(a: argparse.Namespace) -> int:
     from serve.gateway.app import run_gateway
 
+    # --replica is repeatable and each may list several; SHARDWIRE_REPLICAS is the fallback.
+    replicas = [r.strip() for value in a.replica for r in value.split(",") if r.strip()]
+    replicas = replicas or env_list("SHARDWIRE_REPLICAS")
+    if not replicas:
+        a.parser.error("no replica: pass --replica HOST:PORT or set SHARDWIRE_REPLICAS")
     cfg = GatewayConfig(
         model=a.model,
         host=a.host,
         port=a.port,
-        replicas=tuple(a.replica),
+        replicas=tuple(replicas),
         max_tokens_limit=a.max_tokens_limit,
         log_prompts=a.log_prompts,
         metrics_port=a.metrics_port,
+        drain_timeout_s=a.drain_timeout,
     )
     asyncio.run(run_gateway(cfg))
     return 0
+
+
+def _cmd_probe(a: argparse.Namespace) -> int:
+    from serve.probe import run
+
+    return run(a)
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
@@ -182,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=int, default=1)
     up.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     _add_comm_args(up)
+    _add_drain_arg(up, "streams in flight")
+    up.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="leave a failed replica down (default: restart its whole TP group, with backoff)",
+    )
     up.add_argument("--demo", action="store_true", help="stream a demo chat and translation")
     _add_metrics_arg(up, "the gateway's; each replica leader gets a free port (-1: all off)")
     up.set_defaults(func=_cmd_up)
@@ -196,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--master-addr", default=env_str("MASTER_ADDR", "127.0.0.1"))
     shard.add_argument("--master-port", type=int, default=env_int("MASTER_PORT", 29500))
     _add_comm_args(shard)
+    _add_drain_arg(shard, "the leader's requests in flight")
+    shard.add_argument("--launcher-pid", type=int, default=0, help=argparse.SUPPRESS)
     _add_metrics_arg(shard, "the leader's (rank 0)")
     shard.set_defaults(func=_cmd_shard)
 
@@ -211,13 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--replica",
         action="append",
         default=[],
-        required=True,
-        help="host:port of a replica leader (repeatable)",
+        help="host:port of a replica leader (repeatable, or comma separated; "
+        "default: $SHARDWIRE_REPLICAS)",
     )
     gw.add_argument("--max-tokens-limit", type=int, default=GatewayConfig().max_tokens_limit)
     gw.add_argument("--log-prompts", action="store_true", help="include prompt text in logs")
+    _add_drain_arg(gw, "streams in flight")
     _add_metrics_arg(gw, "the gateway's")
-    gw.set_defaults(func=_cmd_gateway)
+    gw.set_defaults(func=_cmd_gateway, parser=gw)
+
+    probe = sub.add_parser(
+        "probe", help="health check: exit 0 iff the target reports SERVING (for containers)"
+    )
+    from serve.probe import add_arguments
+
+    add_arguments(probe)
+    probe.set_defaults(func=_cmd_probe)
 
     bench = sub.add_parser("bench", help="benchmarks (see `shardwire bench serve --help`)")
     bench.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")

@@ -53,6 +53,9 @@ class ShardConfig:
     tp: TPConfig = field(default_factory=TPConfig)
     # Prometheus /metrics of the leader (rank 0); 0 picks a free port, -1 is off.
     metrics_port: int = -1
+    # On SIGTERM the leader reports NOT_SERVING, refuses new requests and lets those
+    # running finish for at most this long.
+    drain_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class GatewayConfig:
     status_poll_interval_s: float = 1.0
     # Prometheus /metrics over HTTP on host:metrics_port; 0 picks a free port, -1 is off.
     metrics_port: int = -1
+    # On SIGTERM: health NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight
+    # finish for at most this long before the process exits.
+    drain_timeout_s: float = 30.0
 
 
 def env_int(name: str, default: int) -> int:
@@ -89,3 +95,14 @@ def env_int(name: str, default: int) -> int:
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name) or default
+
+
+def env_float(name: str, default: float) -> float:
+    """A number from the environment, or the default."""
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def env_list(name: str) -> list[str]:
+    """Comma-separated items from the environment (empty items dropped)."""
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]

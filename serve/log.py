@@ -20,9 +20,14 @@ class JsonFormatter(logging.Formatter):
         for key in ("request_id", "model", "prompt_tokens", "completion_tokens", "status"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
+        # Structured fields passed as `extra={"fields": {...}}` become top-level keys.
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                entry.setdefault(str(key), value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from serve.errors import (
 )
 from serve.gateway.admission import AdmittedRequest
 from serve.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from serve.gateway.record import RequestRecord
 from serve.gateway.router import ReplicaClient, Router
 from serve.model.tokenizer import Tokenizer
 
@@ -112,10 +112,10 @@ class Generation:
         replica: ReplicaClient,
         admitted: AdmittedRequest,
         *,
-        arrival: float,
+        record: RequestRecord,
         timeout_s: float | None,
     ) -> AsyncIterator[OutputChunk]:
-        """Streams the request's output; `arrival` is time.monotonic() at the gateway."""
+        """Streams the request's output, counting tokens and clocks into `record`."""
         rid = admitted.request_id
         num_prompt = len(admitted.prompt_token_ids)
         max_tokens = admitted.sampling.max_tokens or 0
@@ -123,17 +123,22 @@ class Generation:
         request = shard_request(admitted, extra_stop_ids)
         detokenizer = IncrementalDetokenizer(self._tokenizer)
         stops = StopStringMatcher(admitted.sampling.stop)
-        tally = _Tally(num_prompt, arrival)
+        record.admitted(replica.address, num_prompt)
         call = replica.generate(request, timeout_s)
         logger.debug("[%s] sent to %s: %d prompt tokens", rid, replica.address, num_prompt)
         with self._router.track(replica, num_prompt + max_tokens) as lease:
             try:
                 async for msg in call:
                     ids = tuple(msg.token_ids)
-                    if ids and tally.first_token_at is None:
+                    if ids and record.first_token_at is None:
                         lease.consume(num_prompt)
                     lease.consume(len(ids))
-                    tally.add(msg, ids)
+                    record.add(
+                        len(ids),
+                        prompt_tokens=msg.prompt_tokens,
+                        cached_prompt_tokens=msg.cached_prompt_tokens,
+                        queue_s=msg.queue_s,
+                    )
                     finish = _FINISH_FROM_PROTO.get(msg.finish_reason)
                     text = detokenizer.step(ids)
                     if finish is not None:
@@ -141,64 +146,32 @@ class Generation:
                     text = stops.push(text)
                     if stops.is_stopped:
                         call.cancel()  # aborts the request on the replica, freeing its KV
-                        yield tally.finish(rid, text, ids, FinishReason.STOP)
+                        yield _finished(record, text, ids, FinishReason.STOP)
                         return
                     if finish is not None:
-                        yield tally.finish(rid, text + stops.flush(), ids, finish)
+                        yield _finished(record, text + stops.flush(), ids, finish)
                         return
                     if text or ids:
                         yield OutputChunk(text, ids)
                 logger.warning("[%s] replica stream ended without a finish reason", rid)
                 text = stops.push(detokenizer.flush()) + stops.flush()
-                yield tally.finish(rid, text, (), FinishReason.ABORT)
+                yield _finished(record, text, (), FinishReason.ABORT)
             except grpc.aio.AioRpcError as err:
                 raise _replica_error(err, replica, rid) from err
             finally:
                 call.cancel()
 
 
-class _Tally:
-    """Counts and clocks of one request."""
-
-    def __init__(self, num_prompt: int, arrival: float) -> None:
-        self.arrival = arrival
-        self.prompt_tokens = num_prompt
-        self.cached_prompt_tokens = 0
-        self.completion_tokens = 0
-        self.queue_s = 0.0
-        self.first_token_at: float | None = None
-
-    def add(self, msg: shard_pb2.ShardGenerateChunk, ids: tuple[int, ...]) -> None:
-        if ids and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        self.completion_tokens += len(ids)
-        if msg.prompt_tokens:
-            self.prompt_tokens = msg.prompt_tokens
-        if msg.cached_prompt_tokens:
-            self.cached_prompt_tokens = msg.cached_prompt_tokens
-        if msg.queue_s:
-            self.queue_s = msg.queue_s
-
-    def finish(
-        self, rid: str, text: str, ids: tuple[int, ...], reason: FinishReason
-    ) -> OutputChunk:
-        now = time.monotonic()
-        first = self.first_token_at if self.first_token_at is not None else now
-        usage = Usage(self.prompt_tokens, self.completion_tokens, self.cached_prompt_tokens)
-        timing = Timing(self.queue_s, first - self.arrival, now - self.arrival)
-        logger.info(
-            "[%s] finished (%s): %d prompt (%d cached) + %d completion tokens, "
-            "queue %.3f s, ttft %.3f s, total %.3f s",
-            rid,
-            reason.value,
-            usage.prompt_tokens,
-            usage.cached_prompt_tokens,
-            usage.completion_tokens,
-            timing.queue_s,
-            timing.time_to_first_token_s,
-            timing.total_s,
-        )
-        return OutputChunk(text, ids, reason, usage, timing)
+def _finished(
+    record: RequestRecord, text: str, ids: tuple[int, ...], reason: FinishReason
+) -> OutputChunk:
+    """The stream's last chunk, with the usage and timing the client sees."""
+    record.finish(reason.value)
+    usage = Usage(record.prompt_tokens, record.completion_tokens, record.cached_prompt_tokens)
+    ttft = record.time_to_first_token_s
+    total = record.total_s
+    timing = Timing(record.queue_s, total if ttft is None else ttft, total)
+    return OutputChunk(text, ids, reason, usage, timing)
 
 
 def _replica_error(err: grpc.aio.AioRpcError, replica: ReplicaClient, rid: str) -> ShardwireError:

@@ -6,6 +6,7 @@ exception aborts with INTERNAL and its traceback is logged."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,24 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 # Set by handlers once they know the request id, so error lines carry it.
 current_request_id: ContextVar[str] = ContextVar("shardwire_request_id", default="-")
+
+
+def status_of(error: BaseException, context: grpc.aio.ServicerContext | None = None) -> str:
+    """The status code name a call ending with `error` reports to its client."""
+    if isinstance(error, ShardwireError):
+        code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+        return code.name
+    if isinstance(error, asyncio.CancelledError):
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED.name
+        return grpc.StatusCode.CANCELLED.name
+    if isinstance(error, grpc.aio.AbortError) and context is not None:
+        code = context.code()
+        if isinstance(code, grpc.StatusCode):
+            return code.name
+        return grpc.StatusCode.UNKNOWN.name
+    return grpc.StatusCode.INTERNAL.name
 
 
 async def _abort(error: Exception, context: grpc.aio.ServicerContext, method: str) -> None:

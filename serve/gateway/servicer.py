@@ -2,7 +2,8 @@
 
 Streams are written with `context.write` from the handler coroutine, so a client
 cancel arrives here as CancelledError and closes the replica call at once.
-Domain errors raised here become status codes in the interceptor."""
+Domain errors raised here become status codes in the interceptor. Every call
+has a `RequestRecord`, which feeds the metrics and writes the call's log line."""
 
 from __future__ import annotations
 
@@ -10,20 +11,21 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 from shardwire.v1 import inference_pb2, inference_pb2_grpc
 
-from serve.errors import Unavailable
+from serve.errors import ShardwireError, Unavailable
 from serve.gateway import admission, prompts
 from serve.gateway.admission import Limits, ModelLimits, SamplingParams
 from serve.gateway.generation import FinishReason, Generation, OutputChunk
-from serve.gateway.interceptor import current_request_id
+from serve.gateway.interceptor import current_request_id, status_of
+from serve.gateway.record import RequestRecord
 from serve.gateway.router import Router
+from serve.metrics import GatewayMetrics
 from serve.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -77,62 +79,68 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         model_id: str,
         limits: Limits,
         log_prompts: bool = False,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._router = router
         self._model_id = model_id
         self._limits = limits
         self._log_prompts = log_prompts
+        self._metrics = metrics
         self._generation = Generation(tokenizer, router)
 
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        arrival = time.monotonic()
-        rid = _request_id(request.request_id)
-        self._check_common(request, request.model)
-        sampling = admission.validate_sampling(sampling_from_proto(request.sampling), self._limits)
-        messages = admission.validate_messages([(m.role, m.content) for m in request.messages])
-        self._log_prompt(rid, "chat", messages)
-        size = sum(len(m.content) for m in messages)
-        ids = await _tokenize(size, prompts.chat_prompt_ids, self._tokenizer, messages)
-        await self._stream(rid, ids, sampling, "messages", context, arrival, request.session_id)
+        async with self._call("Chat", request.request_id, context) as record:
+            self._check_common(request, request.model)
+            sampling = admission.validate_sampling(
+                sampling_from_proto(request.sampling), self._limits
+            )
+            messages = admission.validate_messages([(m.role, m.content) for m in request.messages])
+            self._log_prompt(record.request_id, "chat", messages)
+            size = sum(len(m.content) for m in messages)
+            ids = await _tokenize(size, prompts.chat_prompt_ids, self._tokenizer, messages)
+            await self._stream(record, ids, sampling, "messages", context, request.session_id)
 
     async def Translate(
         self, request: inference_pb2.TranslateRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        arrival = time.monotonic()
-        rid = _request_id(request.request_id)
-        self._check_common(request, request.model)
-        sampling = admission.validate_sampling(sampling_from_proto(request.sampling), self._limits)
-        text = admission.validate_text(request.text, "text")
-        self._log_prompt(rid, "translate", text)
-        ids = await _tokenize(
-            len(text),
-            prompts.translate_prompt_ids,
-            self._tokenizer,
-            text,
-            request.source_lang,
-            request.target_lang,
-        )
-        await self._stream(rid, ids, sampling, "text", context, arrival)
+        async with self._call("Translate", request.request_id, context) as record:
+            self._check_common(request, request.model)
+            sampling = admission.validate_sampling(
+                sampling_from_proto(request.sampling), self._limits
+            )
+            text = admission.validate_text(request.text, "text")
+            self._log_prompt(record.request_id, "translate", text)
+            ids = await _tokenize(
+                len(text),
+                prompts.translate_prompt_ids,
+                self._tokenizer,
+                text,
+                request.source_lang,
+                request.target_lang,
+            )
+            await self._stream(record, ids, sampling, "text", context)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        arrival = time.monotonic()
-        rid = _request_id(request.request_id)
-        self._check_common(request, request.model)
-        sampling = admission.validate_sampling(sampling_from_proto(request.sampling), self._limits)
-        admission.validate_prompt_choice(request.prompt, request.prompt_token_ids)
-        if request.prompt:
-            self._log_prompt(rid, "generate", request.prompt)
-            size = len(request.prompt)
-            ids = await _tokenize(size, prompts.text_prompt_ids, self._tokenizer, request.prompt)
-            field = "prompt"
-        else:
-            ids, field = list(request.prompt_token_ids), "prompt_token_ids"
-        await self._stream(rid, ids, sampling, field, context, arrival)
+        async with self._call("Generate", request.request_id, context) as record:
+            self._check_common(request, request.model)
+            sampling = admission.validate_sampling(
+                sampling_from_proto(request.sampling), self._limits
+            )
+            admission.validate_prompt_choice(request.prompt, request.prompt_token_ids)
+            if request.prompt:
+                self._log_prompt(record.request_id, "generate", request.prompt)
+                size = len(request.prompt)
+                build = prompts.text_prompt_ids
+                ids = await _tokenize(size, build, self._tokenizer, request.prompt)
+                field = "prompt"
+            else:
+                ids, field = list(request.prompt_token_ids), "prompt_token_ids"
+            await self._stream(record, ids, sampling, field, context)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -147,6 +155,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             info.dtype = status.dtype
         return inference_pb2.ListModelsResponse(models=[info])
 
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, method: str, client_id: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[RequestRecord]:
+        """One inference call: its record, in-flight gauge, final status and log line."""
+        record = RequestRecord(method, self._model_id, self._metrics)
+        record.request_id = _request_id(client_id)
+        if self._metrics is not None:
+            self._metrics.requests_in_flight.inc()
+        try:
+            yield record
+        except BaseException as error:
+            message = error.message if isinstance(error, ShardwireError) else type(error).__name__
+            record.fail(status_of(error, context), message)
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.requests_in_flight.dec()
+            record.end()
+
     def _check_common(self, request: Message, model: str) -> None:
         admission.check_request_size(request.ByteSize(), self._limits)
         admission.resolve_model(model, [self._model_id])
@@ -157,22 +185,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _stream(
         self,
-        rid: str,
+        record: RequestRecord,
         prompt_ids: Sequence[int],
         sampling: SamplingParams,
         field: str,
         context: grpc.aio.ServicerContext,
-        arrival: float,
         session_id: str = "",
     ) -> None:
         """Runs the request on a replica, writing chunks to the client as they come."""
+        rid = record.request_id
         replica = self._router.choose(session_id)
         status = replica.status
         if status is None:
             raise Unavailable(f"replica {replica.address} has not reported its model")
         limits = ModelLimits(vocab_size=status.vocab_size, max_model_len=status.max_model_len)
         admitted = admission.admit(rid, prompt_ids, sampling, limits, field)
-        logger.info(
+        logger.debug(
             "[%s] admitted: %d prompt tokens, max_tokens %s, replica %s",
             rid,
             len(admitted.prompt_token_ids),
@@ -180,7 +208,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             replica.address,
         )
         timeout_s = context.time_remaining()
-        outputs = self._generation.run(replica, admitted, arrival=arrival, timeout_s=timeout_s)
+        outputs = self._generation.run(replica, admitted, record=record, timeout_s=timeout_s)
         try:
             async with contextlib.aclosing(outputs):
                 async for out in outputs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from shardwire.v1 import shard_pb2_grpc
 from serve.config import ShardConfig
 from serve.dist.worker import load_rank
 from serve.engine.engine import AsyncEngine, LLMEngine
+from serve.gateway.drain import DrainGate
 from serve.gateway.interceptor import ErrorInterceptor
 from serve.metrics import MetricsServer, replica_registry, serve_metrics
 from serve.shard.servicer import ShardServicer
@@ -21,6 +23,10 @@ from serve.shard.servicer import ShardServicer
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "shardwire.v1.Shard"
+# How often run_shard looks at the engine, and how long failing streams get to
+# deliver their UNAVAILABLE before a leader with a dead engine exits.
+ENGINE_CHECK_S = 0.2
+DEAD_ENGINE_GRACE_S = 1.0
 
 
 @dataclass
@@ -30,10 +36,21 @@ class ShardServer:
     health: health.aio.HealthServicer
     port: int
     metrics_server: MetricsServer | None = None
+    drain_gate: DrainGate | None = None
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics_server.port if self.metrics_server is not None else None
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Health NOT_SERVING, new Generate calls refused with UNAVAILABLE (Status,
+        Abort and health keep answering), and up to timeout_s for the requests in
+        flight to finish; returns whether they all did."""
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.drain_gate is None:
+            return True
+        return await self.drain_gate.drain(timeout_s)
 
     async def stop(self, grace: float | None = None) -> None:
         for name in ("", SERVICE_NAME):
@@ -65,7 +82,10 @@ async def _watch_engine(engine: AsyncEngine, health_servicer: health.aio.HealthS
 async def start_shard(config: ShardConfig) -> ShardServer:
     """Loads the model and serves Shard on config.host:config.port (0: any free port)."""
     engine = await asyncio.to_thread(build_engine, config)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+    drain_gate = DrainGate((f"/{SERVICE_NAME}/Generate",))
+    server = grpc.aio.server(
+        interceptors=[drain_gate, ErrorInterceptor()], options=[("grpc.so_reuseport", 0)]
+    )
     shard_pb2_grpc.add_ShardServicer_to_server(
         ShardServicer(engine, config.model, config.dtype, config.tp.size), server
     )
@@ -80,16 +100,31 @@ async def start_shard(config: ShardConfig) -> ShardServer:
     asyncio.get_running_loop().create_task(_watch_engine(engine, health_servicer))
     logger.info("shard serving %s on %s:%d", config.model, config.host, port)
     metrics = serve_metrics(replica_registry(engine.stats), config.host, config.metrics_port)
-    return ShardServer(server, engine, health_servicer, port, metrics)
+    return ShardServer(server, engine, health_servicer, port, metrics, drain_gate)
 
 
-async def run_shard(config: ShardConfig) -> None:
-    """Serves until SIGINT or SIGTERM (rank 0 of its TP group)."""
+async def run_shard(config: ShardConfig) -> int:
+    """Serves until SIGINT or SIGTERM (rank 0 of its TP group); returns the exit code.
+
+    A stop drains: health turns NOT_SERVING, new calls are refused with UNAVAILABLE
+    (a gateway retries them elsewhere) and requests in flight finish for up to
+    config.drain_timeout_s, then the other ranks are released (0). When the engine
+    dies instead (a rank died or hung), the streams have failed with UNAVAILABLE and
+    the leader exits 1, so a supervisor or restart policy brings the group back."""
     shard = await start_shard(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logger.info("shard stopping")
-    await shard.stop(grace=5)
+    while not stop.is_set() and shard.engine.is_alive:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), ENGINE_CHECK_S)
+    if not shard.engine.is_alive:
+        logger.error("engine died (%s); leaving so the TP group restarts", shard.engine.error)
+        await shard.stop(grace=DEAD_ENGINE_GRACE_S)
+        return 1
+    logger.info("shard draining (at most %.0f s)", config.drain_timeout_s)
+    drained = await shard.drain(config.drain_timeout_s)
+    await shard.stop(grace=1.0 if drained else 0.0)
+    logger.info("shard stopped")
+    return 0

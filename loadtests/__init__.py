@@ -1,0 +1,1 @@
+"""shardwire load tests: the locust suite, its gRPC user and the report."""
