@@ -35,6 +35,21 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check serve clients tests
 	$(BIN)/ruff format --check serve clients tests
+	$(BIN)/python -m serve.nopickle serve clients loadtests
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench-results
+
+# Load test: `shardwire up` (MODEL), locust headless (SHAPE to USERS over RUN_TIME),
+# report with plots; everything lands in loadtests/results/. LOADTEST_ARGS go to locust.
+MODEL ?= tiny
+USERS ?= 8
+SPAWN_RATE ?= 2
+RUN_TIME ?= 60s
+SHAPE ?= ramp
+LOADTEST_ARGS ?= --slo-ttft-p95-ms 2000 --slo-error-rate 0.01
+
+.PHONY: loadtest
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtests.run --model $(MODEL) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+		--run-time $(RUN_TIME) --shape $(SHAPE) -- $(LOADTEST_ARGS)

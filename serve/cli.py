@@ -14,6 +14,8 @@ import sys
 from serve.config import (
     EngineConfig,
     GatewayConfig,
+    LiveTranslateConfig,
+    SessionConfig,
     ShardConfig,
     TPConfig,
     env_float,
@@ -25,7 +27,13 @@ from serve.config import (
 logger = logging.getLogger(__name__)
 
 # `shardwire bench NAME` runs serve.bench.<module>.main(argv).
-BENCHMARKS = {"serve": "serve", "codecs": "codecs", "comm": "comm", "tp": "tp"}
+BENCHMARKS = {
+    "serve": "serve",
+    "codecs": "codecs",
+    "comm": "comm",
+    "tp": "tp",
+    "realtime": "realtime",
+}
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -67,6 +75,13 @@ def _add_comm_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--comm-zstd-level", type=int, default=d.comm_zstd_level)
     p.add_argument(
+        "--tp-overlap-chunks",
+        type=int,
+        default=env_int("SHARDWIRE_TP_OVERLAP_CHUNKS", d.overlap_chunks),
+        help=f"cut prefill steps of >= {d.overlap_min_tokens} tokens into this many micro-chunks"
+        " whose all-reduces overlap the next chunk's compute (1: off)",
+    )
+    p.add_argument(
         "--tp-timeout",
         type=float,
         default=env_float("SHARDWIRE_TP_TIMEOUT", d.timeout_s),
@@ -81,6 +96,79 @@ def _add_drain_arg(p: argparse.ArgumentParser, what: str) -> None:
         default=env_float("SHARDWIRE_DRAIN_TIMEOUT", GatewayConfig().drain_timeout_s),
         help=f"on SIGTERM, seconds {what} may take to finish before exiting",
     )
+
+
+def _add_session_args(p: argparse.ArgumentParser) -> None:
+    """Limits of chat sessions (append_only) and TranslateLive streams."""
+    s, live = SessionConfig(), LiveTranslateConfig()
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=s.max_sessions,
+        help="chat sessions kept at once; a new one evicts the least recently used",
+    )
+    p.add_argument(
+        "--session-max-turns", type=int, default=s.max_turns, help="messages one session may hold"
+    )
+    p.add_argument(
+        "--session-max-bytes",
+        type=int,
+        default=s.max_bytes,
+        help="bytes of text one session may hold",
+    )
+    p.add_argument(
+        "--session-max-turn-bytes",
+        type=int,
+        default=s.max_turn_bytes,
+        help="bytes of text one append_only call may add",
+    )
+    p.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=s.idle_timeout_s,
+        help="seconds an unused session is kept",
+    )
+    p.add_argument(
+        "--live-max-pending",
+        type=int,
+        default=live.max_pending_segments,
+        help="TranslateLive segments waiting for their translation",
+    )
+    p.add_argument(
+        "--live-max-segment-bytes",
+        type=int,
+        default=live.max_segment_bytes,
+        help="bytes of one TranslateLive segment",
+    )
+    p.add_argument(
+        "--live-context-segments",
+        type=int,
+        default=live.default_context_segments,
+        help="previous segments kept as context when the client does not say",
+    )
+    p.add_argument(
+        "--live-max-context-segments",
+        type=int,
+        default=live.max_context_segments,
+        help="the most context segments a client may ask for",
+    )
+
+
+def _session_configs(a: argparse.Namespace) -> tuple[SessionConfig, LiveTranslateConfig]:
+    sessions = SessionConfig(
+        max_sessions=a.max_sessions,
+        max_turns=a.session_max_turns,
+        max_bytes=a.session_max_bytes,
+        max_turn_bytes=a.session_max_turn_bytes,
+        idle_timeout_s=a.session_idle_timeout,
+    )
+    live = LiveTranslateConfig(
+        max_pending_segments=a.live_max_pending,
+        max_segment_bytes=a.live_max_segment_bytes,
+        default_context_segments=a.live_context_segments,
+        max_context_segments=a.live_max_context_segments,
+    )
+    return sessions, live
 
 
 def _add_metrics_arg(p: argparse.ArgumentParser, whose: str) -> None:
@@ -105,6 +193,7 @@ def _tp_config(
         comm_codec=a.comm_codec,
         comm_accuracy=a.comm_accuracy,
         comm_zstd_level=a.comm_zstd_level,
+        overlap_chunks=a.tp_overlap_chunks,
     )
 
 
@@ -138,6 +227,8 @@ def _cmd_up(a: argparse.Namespace) -> int:
         metrics_port=a.metrics_port,
         drain_timeout_s=a.drain_timeout,
         restart=RestartPolicy(enabled=not a.no_restart),
+        sessions=_session_configs(a)[0],
+        live=_session_configs(a)[1],
     )
     return asyncio.run(run_up(cfg, demo=a.demo))
 
@@ -176,6 +267,7 @@ def _cmd_shard(a: argparse.Namespace) -> int:
         drain_timeout_s=a.drain_timeout,
     )
     if tp.rank > 0:
+        import os
         import signal
 
         from serve.dist.worker import serve_worker
@@ -184,12 +276,18 @@ def _cmd_shard(a: argparse.Namespace) -> int:
         # and a rank already leaving after the leader's stop still exits 0.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            return serve_worker(cfg)
+            code = serve_worker(cfg)
         except KeyboardInterrupt:  # Ctrl-C reaches every rank; the leader reports it
-            return 0
+            code = 0
         except Exception as exc:  # noqa: BLE001 - the group is broken: exit so it restarts
             logger.error("rank %d/%d leaves its group: %s", tp.rank, tp.size, exc)
-            return 1
+            code = 1
+        # No interpreter teardown: the group is gone, and torch's teardown takes long
+        # enough for a stop signal to land after Python has reset its handlers.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return asyncio.run(run_shard(cfg))
 
 
@@ -210,6 +308,8 @@ def _cmd_gateway(a: argparse.Namespace) -> int:
         log_prompts=a.log_prompts,
         metrics_port=a.metrics_port,
         drain_timeout_s=a.drain_timeout,
+        sessions=_session_configs(a)[0],
+        live=_session_configs(a)[1],
     )
     asyncio.run(run_gateway(cfg))
     return 0
@@ -251,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--demo", action="store_true", help="stream a demo chat and translation")
     _add_metrics_arg(up, "the gateway's; each replica leader gets a free port (-1: all off)")
+    _add_session_args(up)
     up.set_defaults(func=_cmd_up)
 
     shard = sub.add_parser("shard", help="run one replica leader (Shard service)")
@@ -287,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--log-prompts", action="store_true", help="include prompt text in logs")
     _add_drain_arg(gw, "streams in flight")
     _add_metrics_arg(gw, "the gateway's")
+    _add_session_args(gw)
     gw.set_defaults(func=_cmd_gateway, parser=gw)
 
     probe = sub.add_parser(

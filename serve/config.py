@@ -37,6 +37,10 @@ class TPConfig:
     comm_codec: str = "none"
     comm_accuracy: str = "exact"
     comm_zstd_level: int = 1
+    # Steps of at least overlap_min_tokens tokens run as overlap_chunks micro-chunks
+    # whose all-reduces overlap the next chunk's compute (1: off).
+    overlap_chunks: int = 1
+    overlap_min_tokens: int = 256
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,36 @@ class ShardConfig:
     # On SIGTERM the leader reports NOT_SERVING, refuses new requests and lets those
     # running finish for at most this long.
     drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Chat sessions the gateway keeps for `append_only` calls."""
+
+    # Sessions held at once; a new one evicts the least recently used idle session.
+    max_sessions: int = 1024
+    # Messages one session may hold (user, assistant and system turns).
+    max_turns: int = 256
+    # UTF-8 bytes of message text one session may hold.
+    max_bytes: int = 256 * 1024
+    # UTF-8 bytes of the messages one append_only call may add.
+    max_turn_bytes: int = 32 * 1024
+    # A session unused this long is dropped.
+    idle_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class LiveTranslateConfig:
+    """Limits of `TranslateLive` streams."""
+
+    # Segments received and not yet translated (the one in progress included).
+    max_pending_segments: int = 8
+    # UTF-8 bytes of one segment.
+    max_segment_bytes: int = 4096
+    # Previous segments kept as context when the client does not say.
+    default_context_segments: int = 8
+    # The most a client may ask for.
+    max_context_segments: int = 64
 
 
 @dataclass(frozen=True)
@@ -85,6 +119,8 @@ class GatewayConfig:
     # On SIGTERM: health NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight
     # finish for at most this long before the process exits.
     drain_timeout_s: float = 30.0
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+    live: LiveTranslateConfig = field(default_factory=LiveTranslateConfig)
 
 
 def env_int(name: str, default: int) -> int:

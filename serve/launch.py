@@ -1,15 +1,17 @@
 """`shardwire up`: replica processes on loopback plus the gateway, in one command.
 
-Each replica is a child process running `shardwire shard`; the gateway runs in
-this process once every replica reports SERVING. Children die with the parent.
+Each replica is a child process running `shardwire shard` per TP rank; the gateway
+runs in this process once every replica reports SERVING. Children die with the
+parent. A supervisor restarts the whole TP group of a replica when any of its ranks
+exits (serve.supervisor); on SIGTERM the gateway drains, then the replicas stop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
+import functools
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -20,13 +22,19 @@ from dataclasses import dataclass, field, replace
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serve.config import EngineConfig, GatewayConfig, ShardConfig, TPConfig
+from serve.config import (
+    EngineConfig,
+    GatewayConfig,
+    LiveTranslateConfig,
+    SessionConfig,
+    ShardConfig,
+    TPConfig,
+)
 from serve.errors import Unavailable
 from serve.model.presets import is_preset
+from serve.supervisor import ReplicaGroup, RestartPolicy, Supervisor, wait_group_serving
 
 logger = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -46,18 +54,19 @@ class LaunchConfig:
     tp: TPConfig = field(default_factory=TPConfig)
     # Gateway /metrics port (0: a free one); each replica leader gets a free one; -1: all off.
     metrics_port: int = 0
+    # Seconds the gateway (and each leader) lets calls in flight finish on SIGTERM.
+    drain_timeout_s: float = 30.0
+    # Restarts of replica groups whose ranks exit.
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    # Gateway limits of chat sessions and TranslateLive streams.
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+    live: LiveTranslateConfig = field(default_factory=LiveTranslateConfig)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM when the launcher dies (Linux)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def shard_argv(cfg: ShardConfig, log_level: str, log_format: str) -> list[str]:
@@ -111,6 +120,8 @@ def shard_argv(cfg: ShardConfig, log_level: str, log_format: str) -> list[str]:
         str(cfg.tp.comm_zstd_level),
         "--metrics-port",
         str(cfg.metrics_port),
+        "--drain-timeout",
+        str(cfg.drain_timeout_s),
         *([] if e.enable_prefix_caching else ["--no-prefix-caching"]),
     ]
 
@@ -138,76 +149,100 @@ class Deployment:
 
     def __init__(self, config: LaunchConfig) -> None:
         self.config = config
-        self.procs: list[subprocess.Popen] = []
-        self.leaders: list[subprocess.Popen] = []
+        self.groups: list[ReplicaGroup] = []
         self.replica_targets: list[str] = []
         # /metrics port of each replica leader (-1: off).
         self.replica_metrics_ports: list[int] = []
         self.gateway = None
+        self.supervisor = Supervisor(self.groups, config.restart, config.start_timeout_s)
+
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        """Every rank process of every replica, as running now."""
+        return [p for g in self.groups for p in g.procs]
+
+    @property
+    def leaders(self) -> list[subprocess.Popen]:
+        return [g.leader for g in self.groups]
+
+    def _spawn_group(self, port: int, metrics_port: int) -> list[subprocess.Popen]:
+        """Starts the ranks of one replica; a TP group gets a fresh master port."""
+        c = self.config
+        master_port = free_port(c.host) if c.tp.size > 1 else c.tp.master_port
+        launcher = str(os.getpid())
+        procs = []
+        for rank in range(c.tp.size):
+            tp = replace(c.tp, rank=rank, master_addr=c.host, master_port=master_port)
+            shard = ShardConfig(
+                model=c.model,
+                host=c.host,
+                port=port,
+                dtype=c.dtype,
+                seed=c.seed,
+                engine=c.engine,
+                num_threads=c.num_threads,
+                tp=tp,
+                metrics_port=metrics_port if rank == 0 else -1,
+                drain_timeout_s=c.drain_timeout_s,
+            )
+            # No preexec_fn: a plain (v)fork+exec is safe beside gRPC's threads, and the
+            # child arms its own parent-death signal from --launcher-pid.
+            argv = [*shard_argv(shard, c.log_level, c.log_format), "--launcher-pid", launcher]
+            procs.append(subprocess.Popen(argv))
+        return procs
 
     async def start(self):  # -> GatewayServer
         from serve.gateway.app import start_gateway
 
         c = self.config
-        for _ in range(c.num_replicas):
+        for index in range(c.num_replicas):
             port = free_port(c.host)
-            master_port = free_port(c.host) if c.tp.size > 1 else c.tp.master_port
             metrics_port = free_port(c.host) if c.metrics_port >= 0 else -1
             self.replica_metrics_ports.append(metrics_port)
-            for rank in range(c.tp.size):
-                tp = replace(c.tp, rank=rank, master_addr=c.host, master_port=master_port)
-                shard = ShardConfig(
-                    model=c.model,
-                    host=c.host,
-                    port=port,
-                    dtype=c.dtype,
-                    seed=c.seed,
-                    engine=c.engine,
-                    num_threads=c.num_threads,
-                    tp=tp,
-                    metrics_port=metrics_port if rank == 0 else -1,
-                )
-                argv = shard_argv(shard, c.log_level, c.log_format)
-                proc = subprocess.Popen(argv, preexec_fn=_die_with_parent)  # noqa: PLW1509
-                self.procs.append(proc)
-                if rank == 0:
-                    self.leaders.append(proc)
-            self.replica_targets.append(f"{c.host}:{port}")
+            target = f"{c.host}:{port}"
+            spawn = functools.partial(self._spawn_group, port, metrics_port)
+            self.groups.append(ReplicaGroup(index, target, spawn))
+            self.replica_targets.append(target)
         try:
-            await asyncio.gather(
-                *(
-                    wait_serving(t, c.start_timeout_s, p)
-                    for t, p in zip(self.replica_targets, self.leaders, strict=True)
-                )
-            )
+            await asyncio.gather(*(wait_group_serving(g, c.start_timeout_s) for g in self.groups))
             gw = GatewayConfig(
                 model=c.model,
                 host=c.host,
                 port=c.port,
                 replicas=tuple(self.replica_targets),
                 metrics_port=c.metrics_port,
+                drain_timeout_s=c.drain_timeout_s,
+                sessions=c.sessions,
+                live=c.live,
             )
             self.gateway = await start_gateway(gw)
         except BaseException:
             self.stop_replicas()
             raise
+        self.supervisor.start()
         return self.gateway
 
     def stop_replicas(self, timeout_s: float = 10.0) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        """SIGTERM to the leaders first (each drains, then releases its other ranks),
+        then to the ranks left; SIGKILL to any still running after timeout_s."""
         deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for procs in (self.leaders, self.procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
     async def stop(self) -> None:
+        """Stops restarting, drains the gateway, then stops the replicas."""
+        await self.supervisor.stop()
         if self.gateway is not None:
-            await self.gateway.stop(1.0)
+            drained = await self.gateway.drain(self.config.drain_timeout_s)
+            await self.gateway.stop(1.0 if drained else 0.0)
         await asyncio.to_thread(self.stop_replicas)
 
 

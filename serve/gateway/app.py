@@ -1,4 +1,5 @@
-"""Gateway process: the Inference service plus health and reflection, on grpc.aio."""
+"""Gateway process: the Inference service plus health and reflection, on grpc.aio,
+and Prometheus /metrics over HTTP when a metrics port is set."""
 
 from __future__ import annotations
 
@@ -6,19 +7,23 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.core import GaugeMetricFamily, Metric
 from shardwire.v1 import inference_pb2, inference_pb2_grpc
 
 from serve.config import GatewayConfig
 from serve.errors import InvalidArgument
 from serve.gateway.admission import Limits
+from serve.gateway.drain import DrainGate
 from serve.gateway.interceptor import ErrorInterceptor
 from serve.gateway.router import Router
 from serve.gateway.servicer import InferenceServicer
+from serve.metrics import GatewayMetrics, MetricsServer, serve_metrics
 from serve.model.presets import is_preset
 from serve.model.tokenizer import Tokenizer
 
@@ -51,8 +56,36 @@ def _address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+class ReplicaCollector:
+    """Replica health and outstanding load as the router sees them, at scrape time."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        healthy = GaugeMetricFamily(
+            "shardwire_replica_healthy",
+            "1 when the replica answered its last Status poll and reports SERVING.",
+            labels=("replica",),
+        )
+        outstanding = GaugeMetricFamily(
+            "shardwire_replica_outstanding_tokens",
+            "Prompt and max_tokens of this gateway's requests still running on the replica.",
+            labels=("replica",),
+        )
+        for replica in self._router.replicas:
+            healthy.add_metric((replica.address,), 1.0 if replica.is_healthy else 0.0)
+            outstanding.add_metric((replica.address,), replica.outstanding_tokens)
+        yield healthy
+        yield outstanding
+
+
 class GatewayServer:
-    """A started gateway; `port` is the bound port."""
+    """A started gateway; `port` is the bound port, `metrics_port` the /metrics port
+    (None when metrics are off)."""
 
     def __init__(
         self,
@@ -61,22 +94,39 @@ class GatewayServer:
         health_servicer: health.aio.HealthServicer,
         port: int,
         model_id: str,
+        metrics: GatewayMetrics | None = None,
+        metrics_server: MetricsServer | None = None,
+        drain_gate: DrainGate | None = None,
     ) -> None:
         self._server = server
+        self._drain_gate = drain_gate
         self._router = router
         self._health = health_servicer
         self.port = port
         self.model_id = model_id
+        self.metrics = metrics
+        self._metrics_server = metrics_server
+        self.metrics_port = metrics_server.port if metrics_server is not None else None
 
     @property
     def router(self) -> Router:
         return self._router
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Health NOT_SERVING, new inference calls refused with UNAVAILABLE, and up to
+        timeout_s for the calls in flight to finish; returns whether they all did."""
+        await self._health.enter_graceful_shutdown()
+        if self._drain_gate is None:
+            return True
+        return await self._drain_gate.drain(timeout_s)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets running ones finish for `grace` seconds."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self._router.close()
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.close)
         logger.info("gateway on port %d stopped", self.port)
 
     async def wait_for_termination(self) -> None:
@@ -102,19 +152,25 @@ async def start_gateway(config: GatewayConfig) -> GatewayServer:
         poll_interval_s=config.status_poll_interval_s,
         on_health_change=on_health_change,
     )
+    drain_gate = DrainGate((f"/{INFERENCE_SERVICE}/",))
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[drain_gate, ErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
+    metrics = GatewayMetrics()
+    metrics.register(ReplicaCollector(router))
     servicer = InferenceServicer(
         tokenizer=tokenizer,
         router=router,
         model_id=model_id,
         limits=Limits.from_config(config),
         log_prompts=config.log_prompts,
+        metrics=metrics,
+        sessions=config.sessions,
+        live=config.live,
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -124,12 +180,16 @@ async def start_gateway(config: GatewayConfig) -> GatewayServer:
     port = server.add_insecure_port(_address(config.host, config.port))
     await on_health_change(False)
     await server.start()
+    metrics_server = None
     try:
+        metrics_server = serve_metrics(metrics.registry, config.host, config.metrics_port)
         await router.start()
         await router.wait_ready(config.startup_timeout_s)
     except BaseException:
         await server.stop(None)
         await router.close()
+        if metrics_server is not None:
+            metrics_server.close()
         raise
     logger.info(
         "gateway listening on %s, model %s, replicas %s",
@@ -137,11 +197,14 @@ async def start_gateway(config: GatewayConfig) -> GatewayServer:
         model_id,
         ", ".join(config.replicas),
     )
-    return GatewayServer(server, router, health_servicer, port, model_id)
+    return GatewayServer(
+        server, router, health_servicer, port, model_id, metrics, metrics_server, drain_gate
+    )
 
 
-async def run_gateway(config: GatewayConfig, grace_s: float = 5.0) -> None:
-    """Starts the gateway and serves until SIGINT or SIGTERM."""
+async def run_gateway(config: GatewayConfig, grace_s: float = 1.0) -> None:
+    """Starts the gateway and serves until SIGINT or SIGTERM, then drains: calls in
+    flight get up to config.drain_timeout_s, new ones are refused with UNAVAILABLE."""
     gateway = await start_gateway(config)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -159,5 +222,6 @@ async def run_gateway(config: GatewayConfig, grace_s: float = 5.0) -> None:
             loop.remove_signal_handler(sig)
         stop_requested.cancel()
         logger.info("shutting down the gateway")
-        await gateway.stop(grace_s)
+        drained = await gateway.drain(config.drain_timeout_s)
+        await gateway.stop(grace_s if drained else 0.0)
         terminated.cancel()

@@ -4,6 +4,12 @@ Each `ReplicaClient` keeps a gRPC channel to one replica leader, its last
 `Shard.Status` and the tokens of the requests it is serving for us. `Router`
 polls the replicas and sends a request to the healthy one with the fewest
 outstanding tokens.
+
+A replica is healthy while it answers `Status` and its grpc.health.v1 status for
+`shardwire.v1.Shard` is SERVING (a leader whose TP group broke, or that drains,
+turns NOT_SERVING before it goes). A request that fails with UNAVAILABLE before
+its first token moves to another healthy replica (`FailoverCall`); one that has
+streamed tokens ends with the error.
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardwire.v1 import shard_pb2, shard_pb2_grpc
 
 from serve.errors import Unavailable
@@ -22,6 +31,16 @@ from serve.errors import Unavailable
 logger = logging.getLogger(__name__)
 
 HealthListener = Callable[[bool], Awaitable[None]]
+# Sessions whose replica the router remembers for affinity.
+MAX_AFFINITY_SESSIONS = 65536
+
+SHARD_SERVICE = "shardwire.v1.Shard"
+# A restarted replica is seen again within about a poll interval plus this.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 @dataclass(frozen=True)
@@ -60,19 +79,28 @@ class ReplicaClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self.status: ReplicaStatus | None = None
         self.is_healthy = False
         self.outstanding_tokens = 0
         self.num_active = 0
+        # Set by the Router: another healthy replica, not one of the given addresses.
+        self.find_alternative: Callable[[Collection[str]], ReplicaClient | None] | None = None
 
     async def refresh(self, timeout_s: float) -> bool:
-        """Asks the replica for its status; returns whether it answered."""
+        """Asks the replica for its status and health; returns whether it can serve."""
         try:
-            msg = await self._stub.Status(shard_pb2.StatusRequest(), timeout=timeout_s)
+            msg, serving = await asyncio.gather(
+                self._stub.Status(shard_pb2.StatusRequest(), timeout=timeout_s),
+                self._is_serving(timeout_s),
+            )
         except grpc.aio.AioRpcError as err:
             self.mark_unhealthy(f"{err.code().name}: {err.details()}")
+            return False
+        if not serving:
+            self.mark_unhealthy("health NOT_SERVING")
             return False
         self.status = ReplicaStatus.from_proto(msg)
         if not self.is_healthy:
@@ -85,10 +113,29 @@ class ReplicaClient:
             logger.warning("replica %s is unhealthy: %s", self.address, reason)
         self.is_healthy = False
 
+    async def _is_serving(self, timeout_s: float) -> bool:
+        """The replica's health for the Shard service (a server without health: True)."""
+        request = health_pb2.HealthCheckRequest(service=SHARD_SERVICE)
+        try:
+            msg = await self._health.Check(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            if err.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return True
+            raise
+        return msg.status == health_pb2.HealthCheckResponse.SERVING
+
     def generate(
         self, request: shard_pb2.ShardGenerateRequest, timeout_s: float | None
+    ) -> FailoverCall:
+        """Starts `Shard.Generate`; cancelling the returned call aborts the request.
+        Iterate it like the gRPC call; it moves to another replica if this one
+        fails with UNAVAILABLE before the first token."""
+        return FailoverCall(self, request, timeout_s)
+
+    def start_generate(
+        self, request: shard_pb2.ShardGenerateRequest, timeout_s: float | None
     ) -> grpc.aio.UnaryStreamCall:
-        """Starts `Shard.Generate`; cancelling the returned call aborts the request."""
+        """`Shard.Generate` on this replica only."""
         return self._stub.Generate(request, timeout=timeout_s)
 
     async def abort(self, request_id: str, timeout_s: float = 1.0) -> bool:
@@ -98,6 +145,65 @@ class ReplicaClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+class FailoverCall:
+    """One request's `Shard.Generate` stream, moved to another healthy replica when
+    its replica fails with UNAVAILABLE before any token arrived (nothing has reached
+    the client yet, so the retry is invisible). Each replica is tried at most once,
+    within the request's original deadline. Once tokens have streamed, an error
+    ends the request: its KV cache died with the replica."""
+
+    def __init__(
+        self,
+        replica: ReplicaClient,
+        request: shard_pb2.ShardGenerateRequest,
+        timeout_s: float | None,
+    ) -> None:
+        self.replica = replica
+        self._request = request
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._call = replica.start_generate(request, timeout_s)
+        self._is_cancelled = False
+        self.num_retries = 0
+
+    def __aiter__(self) -> AsyncIterator[shard_pb2.ShardGenerateChunk]:
+        return self._stream()
+
+    def cancel(self) -> bool:
+        self._is_cancelled = True
+        return self._call.cancel()
+
+    async def _stream(self) -> AsyncIterator[shard_pb2.ShardGenerateChunk]:
+        tried = {self.replica.address}
+        while True:
+            has_tokens = False
+            try:
+                async for msg in self._call:
+                    has_tokens = has_tokens or bool(msg.token_ids)
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as err:
+                retryable = err.code() is grpc.StatusCode.UNAVAILABLE
+                if has_tokens or self._is_cancelled or not retryable:
+                    raise
+                self.replica.mark_unhealthy(err.details() or "unavailable")
+                remaining = None if self._deadline is None else self._deadline - time.monotonic()
+                find = self.replica.find_alternative
+                target = find(tried) if find is not None else None
+                if target is None or (remaining is not None and remaining <= 0):
+                    raise
+                logger.warning(
+                    "[%s] replica %s failed before the first token (%s); retrying on %s",
+                    self._request.request_id,
+                    self.replica.address,
+                    err.details(),
+                    target.address,
+                )
+                tried.add(target.address)
+                self.replica = target
+                self.num_retries += 1
+                self._call = target.start_generate(self._request, remaining)
 
 
 class Lease:
@@ -127,11 +233,15 @@ class Router:
         if not addresses:
             raise ValueError("at least one replica address is needed")
         self.replicas = tuple(ReplicaClient(a) for a in addresses)
+        for replica in self.replicas:
+            replica.find_alternative = self._alternative
         self._poll_interval_s = poll_interval_s
         self._status_timeout_s = status_timeout_s
         self._on_health_change = on_health_change
         self._was_serving = False
         self._poll_task: asyncio.Task[None] | None = None
+        # session_id -> address of the replica that served the session's last turn.
+        self._affinity: OrderedDict[str, str] = OrderedDict()
 
     @property
     def is_serving(self) -> bool:
@@ -161,13 +271,38 @@ class Router:
             await self.refresh()
 
     def choose(self, session_id: str = "") -> ReplicaClient:
-        """The healthy replica with the fewest outstanding tokens.
-
-        `session_id` is accepted for session affinity, which is not applied yet."""
-        del session_id
+        """The replica that served the session's last turn while it is healthy (it
+        holds the dialogue's KV prefix), else the healthy replica with the fewest
+        outstanding tokens."""
         healthy = self.healthy_replicas()
         if not healthy:
             raise Unavailable("no healthy replica")
+        bound = self._affinity.get(session_id) if session_id else None
+        if bound is not None:
+            for replica in healthy:
+                if replica.address == bound:
+                    return replica
+            logger.info("session's replica %s is unavailable; moving the session", bound)
+        return min(healthy, key=lambda r: (r.outstanding_tokens, r.num_active))
+
+    def bind(self, session_id: str, address: str) -> None:
+        """Routes the session's next turns to `address` (the least recently bound
+        sessions are forgotten past MAX_AFFINITY_SESSIONS)."""
+        if not session_id or not address:
+            return
+        self._affinity[session_id] = address
+        self._affinity.move_to_end(session_id)
+        while len(self._affinity) > MAX_AFFINITY_SESSIONS:
+            self._affinity.popitem(last=False)
+
+    def unbind(self, session_id: str) -> None:
+        self._affinity.pop(session_id, None)
+
+    def _alternative(self, exclude: Collection[str]) -> ReplicaClient | None:
+        """The least loaded healthy replica whose address is not in `exclude`."""
+        healthy = [r for r in self.healthy_replicas() if r.address not in exclude]
+        if not healthy:
+            return None
         return min(healthy, key=lambda r: (r.outstanding_tokens, r.num_active))
 
     @contextlib.contextmanager

@@ -12,12 +12,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shardwire.v1 import shard_pb2_grpc
 
+from serve.comm.collectives import Communicator
 from serve.config import ShardConfig
 from serve.dist.worker import load_rank
 from serve.engine.engine import AsyncEngine, LLMEngine
 from serve.gateway.drain import DrainGate
 from serve.gateway.interceptor import ErrorInterceptor
-from serve.metrics import MetricsServer, replica_registry, serve_metrics
+from serve.metrics import (
+    MetricsServer,
+    codec_counters_source,
+    register_comm_stats,
+    replica_registry,
+    serve_metrics,
+)
 from serve.shard.servicer import ShardServicer
 
 logger = logging.getLogger(__name__)
@@ -66,6 +73,10 @@ class ShardServer:
 
 def build_engine(config: ShardConfig) -> AsyncEngine:
     model, channel = load_rank(config)
+    comm = model.group.comm
+    if isinstance(comm, Communicator):
+        # Rank 0's activation bytes per codec, raw and on the wire, on /metrics.
+        register_comm_stats(codec_counters_source(comm.stats.by_codec))
     return AsyncEngine(LLMEngine(model, config.engine, channel))
 
 
