@@ -9,11 +9,27 @@ UNAVAILABLE when no replica can serve, DEADLINE_EXCEEDED past `timeout`.
 Streams start when first iterated. Closing one early (`stream.close()`, or
 `await stream.aclose()`, or dropping it) cancels the call, which frees the
 request's KV cache on the server at once.
+
+Sessions: `chat(message, append_only=True)` opens a session the gateway keeps;
+every chunk carries its `session_id`, and later turns send only the new message
+with `session_id=...` and `append_only=True`. `close_session` drops it. A
+session the gateway no longer holds gives NOT_FOUND; send the whole
+conversation with append_only and no session_id to open a new one.
+
+Live translation: `translate_live(segments, source=..., target=...)` streams
+`SegmentChunk`s; `segments` yields strings (complete segments) or
+`(text, final)` pairs (pieces joined until a final one), and the stream ends
+after the translation of the last segment once `segments` is exhausted. The
+gateway refuses a stream with RESOURCE_EXHAUSTED when too many segments wait
+untranslated, so the SDK holds back segments while `max_in_flight` (default 4)
+are untranslated; None sends them as they come.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import asyncio
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +38,8 @@ from shardwire.v1 import inference_pb2, inference_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 Messages = str | Sequence[Mapping[str, str] | tuple[str, str]]
+# A complete segment, or (text, final): pieces with final False join the next segment.
+Segment = str | tuple[str, bool]
 
 _FINISH_NAMES = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -29,6 +47,9 @@ _FINISH_NAMES = {
     inference_pb2.FINISH_REASON_ABORT: "abort",
 }
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+# Segments a live stream sends ahead of their translations (the gateway's default
+# limit is 8).
+DEFAULT_MAX_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,26 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     timing: Timing | None = None
+    # The chat session of an append_only call.
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
+class SegmentChunk:
+    """A piece of the translation of segment `segment_index` (0-based); the segment's
+    last piece has finish_reason, usage and timing (timed from when the segment
+    reached the gateway complete)."""
+
+    segment_index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timing: Timing | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass(frozen=True)
@@ -103,7 +144,12 @@ def chunk_from_proto(msg: inference_pb2.GenerateChunk) -> Chunk:
         u, t = msg.usage, msg.timing
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
         timing = Timing(t.queue_s, t.time_to_first_token_s, t.total_s)
-    return Chunk(msg.text, tuple(msg.token_ids), finish, usage, timing)
+    return Chunk(msg.text, tuple(msg.token_ids), finish, usage, timing, msg.session_id)
+
+
+def segment_chunk_from_proto(msg: inference_pb2.TranslateLiveResponse) -> SegmentChunk:
+    c = chunk_from_proto(msg.chunk)
+    return SegmentChunk(msg.segment_index, c.text, c.token_ids, c.finish_reason, c.usage, c.timing)
 
 
 def _model_info(msg: inference_pb2.ModelInfo) -> ModelInfo:
@@ -113,14 +159,88 @@ def _model_info(msg: inference_pb2.ModelInfo) -> ModelInfo:
 
 
 def chat_request(
-    messages: Messages, model: str, session_id: str, **sampling: Any
+    messages: Messages, model: str, session_id: str, append_only: bool = False, **sampling: Any
 ) -> inference_pb2.ChatRequest:
     return inference_pb2.ChatRequest(
         model=model,
         messages=chat_messages(messages),
         sampling=sampling_params(**sampling),
         session_id=session_id,
+        append_only=append_only,
     )
+
+
+def live_config_request(
+    source: str, target: str, model: str, context_segments: int | None, **sampling: Any
+) -> inference_pb2.TranslateLiveRequest:
+    config = inference_pb2.TranslateLiveConfig(
+        model=model,
+        source_lang=source,
+        target_lang=target,
+        sampling=sampling_params(**sampling),
+    )
+    if context_segments is not None:
+        config.context_segments = context_segments
+    return inference_pb2.TranslateLiveRequest(config=config)
+
+
+def segment_request(segment: Segment) -> inference_pb2.TranslateLiveRequest:
+    text, final = (segment, True) if isinstance(segment, str) else segment
+    return inference_pb2.TranslateLiveRequest(
+        segment=inference_pb2.TranslateSegment(text=text, final=final)
+    )
+
+
+class _Window:
+    """Blocks the request side while `size` final segments await their translation."""
+
+    def __init__(self, size: int | None) -> None:
+        self._slots = threading.Semaphore(size) if size else None
+        self.closed = threading.Event()
+
+    def acquire(self) -> bool:
+        """False once the call is over."""
+        if self._slots is None:
+            return not self.closed.is_set()
+        while not self._slots.acquire(timeout=0.1):
+            if self.closed.is_set():
+                return False
+        return not self.closed.is_set()
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+
+
+def live_requests(
+    first: inference_pb2.TranslateLiveRequest, segments: Iterable[Segment], window: _Window
+) -> Iterator[inference_pb2.TranslateLiveRequest]:
+    yield first
+    for segment in segments:
+        request = segment_request(segment)
+        if request.segment.final and not window.acquire():
+            return
+        yield request
+
+
+async def live_requests_async(
+    first: inference_pb2.TranslateLiveRequest,
+    segments: AsyncIterable[Segment] | Iterable[Segment],
+    slots: asyncio.Semaphore | None,
+) -> AsyncIterator[inference_pb2.TranslateLiveRequest]:
+    yield first
+    if isinstance(segments, AsyncIterable):
+        async for segment in segments:
+            request = segment_request(segment)
+            if slots is not None and request.segment.final:
+                await slots.acquire()
+            yield request
+    else:
+        for segment in segments:
+            request = segment_request(segment)
+            if slots is not None and request.segment.final:
+                await slots.acquire()
+            yield request
 
 
 def translate_request(
@@ -155,10 +275,50 @@ class Client:
         self._timeout = timeout
 
     def chat(
-        self, messages: Messages, *, model: str = "", session_id: str = "", **sampling: Any
+        self,
+        messages: Messages,
+        *,
+        model: str = "",
+        session_id: str = "",
+        append_only: bool = False,
+        **sampling: Any,
     ) -> Iterator[Chunk]:
-        request = chat_request(messages, model, session_id, **sampling)
+        """With append_only, `messages` are the new turn of session `session_id`
+        (empty: open a new session; its id is on every chunk)."""
+        request = chat_request(messages, model, session_id, append_only, **sampling)
         return self._stream(self._stub.Chat, request)
+
+    def close_session(self, session_id: str) -> bool:
+        """Drops a chat session; False if the gateway did not hold it."""
+        request = inference_pb2.CloseSessionRequest(session_id=session_id)
+        return self._stub.CloseSession(request, timeout=self._timeout).found
+
+    def translate_live(
+        self,
+        segments: Iterable[Segment],
+        *,
+        source: str = "auto",
+        target: str,
+        model: str = "",
+        context_segments: int | None = None,
+        max_in_flight: int | None = DEFAULT_MAX_IN_FLIGHT,
+        **sampling: Any,
+    ) -> Iterator[SegmentChunk]:
+        """Translates segments as `segments` yields them (it is read on a gRPC
+        thread, so it may block, e.g. on stdin)."""
+        first = live_config_request(source, target, model, context_segments, **sampling)
+        window = _Window(max_in_flight)
+        requests = live_requests(first, segments, window)
+        call = self._stub.TranslateLive(requests, timeout=self._timeout)
+        try:
+            for msg in call:
+                chunk = segment_chunk_from_proto(msg)
+                if chunk.is_last:
+                    window.release()
+                yield chunk
+        finally:
+            window.closed.set()
+            call.cancel()
 
     def translate(
         self, text: str, *, source: str = "auto", target: str, model: str = "", **sampling: Any
@@ -202,10 +362,44 @@ class AsyncClient:
         self._timeout = timeout
 
     def chat(
-        self, messages: Messages, *, model: str = "", session_id: str = "", **sampling: Any
+        self,
+        messages: Messages,
+        *,
+        model: str = "",
+        session_id: str = "",
+        append_only: bool = False,
+        **sampling: Any,
     ) -> AsyncIterator[Chunk]:
-        request = chat_request(messages, model, session_id, **sampling)
+        request = chat_request(messages, model, session_id, append_only, **sampling)
         return self._stream(self._stub.Chat, request)
+
+    async def close_session(self, session_id: str) -> bool:
+        request = inference_pb2.CloseSessionRequest(session_id=session_id)
+        return (await self._stub.CloseSession(request, timeout=self._timeout)).found
+
+    async def translate_live(
+        self,
+        segments: AsyncIterable[Segment] | Iterable[Segment],
+        *,
+        source: str = "auto",
+        target: str,
+        model: str = "",
+        context_segments: int | None = None,
+        max_in_flight: int | None = DEFAULT_MAX_IN_FLIGHT,
+        **sampling: Any,
+    ) -> AsyncIterator[SegmentChunk]:
+        first = live_config_request(source, target, model, context_segments, **sampling)
+        slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        requests = live_requests_async(first, segments, slots)
+        call = self._stub.TranslateLive(requests, timeout=self._timeout)
+        try:
+            async for msg in call:
+                chunk = segment_chunk_from_proto(msg)
+                if chunk.is_last and slots is not None:
+                    slots.release()
+                yield chunk
+        finally:
+            call.cancel()
 
     def translate(
         self, text: str, *, source: str = "auto", target: str, model: str = "", **sampling: Any

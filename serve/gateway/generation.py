@@ -129,6 +129,7 @@ class Generation:
         with self._router.track(replica, num_prompt + max_tokens) as lease:
             try:
                 async for msg in call:
+                    record.replica = call.replica.address  # moves on failover
                     ids = tuple(msg.token_ids)
                     if ids and record.first_token_at is None:
                         lease.consume(num_prompt)

@@ -41,16 +41,39 @@ def translation_instruction(text: str, source_lang: str, target_lang: str) -> st
     return f"{head} Reply with the translation only.\n\n{text}"
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template,
-    ending with the assistant's generation prompt."""
+def live_translation_instruction(text: str, source_lang: str, target_lang: str) -> str:
+    """The first user message of a live translation; later segments follow as plain
+    user messages, each answered by its translation."""
+    target = language_name(target_lang, "target_lang")
+    if source_lang.strip().lower() in ("", AUTO_LANGUAGE):
+        head = f"Translate the following text to {target}."
+    else:
+        source = language_name(source_lang, "source_lang")
+        head = f"Translate the following text from {source} to {target}."
+    return (
+        f"{head} It arrives in segments, one per message. "
+        f"Reply to each with the translation of that segment only.\n\n{text}"
+    )
+
+
+def render_chat(
+    tokenizer: Tokenizer, messages: Sequence[ChatMessage], add_generation_prompt: bool
+) -> str:
+    """A conversation as text, rendered with the model's chat template."""
     if tokenizer.chat_template is None:
         raise FailedPrecondition("the model has no chat template; use Generate instead")
     rendered = [{"role": m.role, "content": m.content} for m in messages]
     try:
-        return tokenizer.encode_chat(rendered, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
     except TemplateError as err:
         raise InvalidArgument(f"messages: the chat template refused them: {err}") from err
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template,
+    ending with the assistant's generation prompt."""
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def translate_prompt_ids(

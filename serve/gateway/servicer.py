@@ -3,7 +3,11 @@
 Streams are written with `context.write` from the handler coroutine, so a client
 cancel arrives here as CancelledError and closes the replica call at once.
 Domain errors raised here become status codes in the interceptor. Every call
-has a `RequestRecord`, which feeds the metrics and writes the call's log line."""
+has a `RequestRecord`, which feeds the metrics and writes the call's log line
+(each TranslateLive segment has its own as well).
+
+`Chat` with `append_only` runs one turn of a session kept in `SessionStore`;
+`TranslateLive` hands the stream to `LiveTranslation`."""
 
 from __future__ import annotations
 
@@ -12,19 +16,31 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 from shardwire.v1 import inference_pb2, inference_pb2_grpc
 
-from serve.errors import ShardwireError, Unavailable
+from serve.config import LiveTranslateConfig, SessionConfig
+from serve.errors import FailedPrecondition, InvalidArgument, ShardwireError, Unavailable
 from serve.gateway import admission, prompts
 from serve.gateway.admission import Limits, ModelLimits, SamplingParams
+from serve.gateway.conversation import Conversation
 from serve.gateway.generation import FinishReason, Generation, OutputChunk
 from serve.gateway.interceptor import current_request_id, status_of
+from serve.gateway.live import (
+    LiveSettings,
+    LiveTranslation,
+    RunPrompt,
+    SegmentCall,
+    SegmentInput,
+)
+from serve.gateway.prompts import ChatMessage
 from serve.gateway.record import RequestRecord
 from serve.gateway.router import Router
+from serve.gateway.sessions import SessionStore
 from serve.metrics import GatewayMetrics
 from serve.model.tokenizer import Tokenizer
 
@@ -37,6 +53,15 @@ _FINISH_TO_PROTO = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.ABORT: inference_pb2.FINISH_REASON_ABORT,
 }
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a stream sent to its client: text, generated ids and how it ended."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
 
 
 def sampling_from_proto(msg: inference_pb2.SamplingParams) -> SamplingParams:
@@ -80,6 +105,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         limits: Limits,
         log_prompts: bool = False,
         metrics: GatewayMetrics | None = None,
+        sessions: SessionConfig | None = None,
+        live: LiveTranslateConfig | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._router = router
@@ -88,6 +115,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._log_prompts = log_prompts
         self._metrics = metrics
         self._generation = Generation(tokenizer, router)
+        self.sessions = SessionStore(sessions or SessionConfig(), lambda: Conversation(tokenizer))
+        self._live_limits = live or LiveTranslateConfig()
 
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -99,6 +128,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
             messages = admission.validate_messages([(m.role, m.content) for m in request.messages])
             self._log_prompt(record.request_id, "chat", messages)
+            if request.append_only:
+                await self._session_turn(record, request.session_id, messages, sampling, context)
+                return
             size = sum(len(m.content) for m in messages)
             ids = await _tokenize(size, prompts.chat_prompt_ids, self._tokenizer, messages)
             await self._stream(record, ids, sampling, "messages", context, request.session_id)
@@ -167,8 +199,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             yield record
         except BaseException as error:
-            message = error.message if isinstance(error, ShardwireError) else type(error).__name__
-            record.fail(status_of(error, context), message)
+            record.fail(status_of(error, context), _error_message(error))
             raise
         finally:
             if self._metrics is not None:
@@ -191,8 +222,44 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         field: str,
         context: grpc.aio.ServicerContext,
         session_id: str = "",
-    ) -> None:
-        """Runs the request on a replica, writing chunks to the client as they come."""
+        *,
+        reply_session_id: str = "",
+    ) -> Answer:
+        """Runs the request on a replica, writing chunks to the client as they come
+        (tagged with `reply_session_id` when set); returns what was sent."""
+        rid = record.request_id
+        timeout_s = context.time_remaining()
+        outputs = self._generate(record, prompt_ids, sampling, field, timeout_s, session_id)
+        pieces: list[str] = []
+        ids: list[int] = []
+        finish: FinishReason | None = None
+        try:
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    msg = chunk_to_proto(out, rid)
+                    if reply_session_id:
+                        msg.session_id = reply_session_id
+                    await context.write(msg)
+                    pieces.append(out.text)
+                    ids.extend(out.token_ids)
+                    finish = out.finish_reason or finish
+        except asyncio.CancelledError:
+            logger.info("[%s] cancelled by the client; aborted on %s", rid, record.replica)
+            raise
+        return Answer("".join(pieces), tuple(ids), finish)
+
+    async def _generate(
+        self,
+        record: RequestRecord,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        field: str,
+        timeout_s: float | None,
+        session_id: str = "",
+    ) -> AsyncIterator[OutputChunk]:
+        """Admits the prompt and streams its output from a replica (the session's
+        replica when it has one); once the stream finished, the session is bound to
+        the replica that served it."""
         rid = record.request_id
         replica = self._router.choose(session_id)
         status = replica.status
@@ -207,15 +274,189 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             admitted.sampling.max_tokens,
             replica.address,
         )
-        timeout_s = context.time_remaining()
         outputs = self._generation.run(replica, admitted, record=record, timeout_s=timeout_s)
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                yield out
+        self._router.bind(session_id, record.replica)
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def _session_turn(
+        self,
+        record: RequestRecord,
+        session_id: str,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """One append_only turn: the session's conversation plus `messages`; the
+        answer joins the conversation once it finished."""
+        store = self.sessions
+        if session_id:
+            session = store.acquire(session_id)
+        else:
+            store.check_turn(messages, None)
+            session = store.open()
         try:
-            async with contextlib.aclosing(outputs):
-                async for out in outputs:
-                    await context.write(chunk_to_proto(out, rid))
-        except asyncio.CancelledError:
-            logger.info("[%s] cancelled by the client; aborted on %s", rid, replica.address)
-            raise
+            store.check_turn(messages, session)
+            conv = session.conversation
+            size = conv.num_bytes + sum(len(m.content) for m in messages)
+            turn = await _tokenize(size, conv.prompt, messages)
+            logger.debug(
+                "[%s] session %s turn %d: %d prompt tokens, %d kept",
+                record.request_id,
+                session.session_id,
+                session.num_answers + 1,
+                len(turn.token_ids),
+                turn.num_kept_tokens,
+            )
+            answer = await self._stream(
+                record,
+                turn.token_ids,
+                sampling,
+                "messages (with the session's conversation)",
+                context,
+                session.session_id,
+                reply_session_id=session.session_id,
+            )
+            if answer.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+                await _tokenize(size, conv.append, turn, answer.text, answer.token_ids)
+                session.num_answers += 1
+                session.replica = record.replica
+        finally:
+            store.release(session)
+            if session.is_closed:  # closed during the turn, or its first turn failed
+                self._router.unbind(session.session_id)
+
+    async def CloseSession(
+        self, request: inference_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.CloseSessionResponse:
+        if not request.session_id:
+            raise InvalidArgument("session_id must not be empty")
+        session = self.sessions.close(request.session_id)
+        self._router.unbind(request.session_id)
+        if session is not None:
+            logger.debug(
+                "session %s closed after %d answers", request.session_id, session.num_answers
+            )
+        return inference_pb2.CloseSessionResponse(found=session is not None)
+
+    # -- live translation ------------------------------------------------------------
+
+    async def TranslateLive(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.TranslateLiveRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        async with self._call("TranslateLive", "", context) as record:
+            requests = aiter(request_iterator)
+            first = await anext(requests, None)
+            if first is None or first.WhichOneof("kind") != "config":
+                raise InvalidArgument("the first TranslateLiveRequest must carry config")
+            config = first.config
+            record.request_id = _request_id(config.request_id)
+            settings = self._live_settings(config)
+            live = LiveTranslation(
+                self._tokenizer,
+                settings,
+                self._live_limits,
+                run_prompt=self._live_prompt(context),
+                segment_call=self._segment_call(record),
+                stream_id=record.request_id,
+                log_prompts=self._log_prompts,
+            )
+
+            async def emit(index: int, rid: str, out: OutputChunk) -> None:
+                chunk = chunk_to_proto(out, rid)
+                await context.write(
+                    inference_pb2.TranslateLiveResponse(segment_index=index, chunk=chunk)
+                )
+
+            try:
+                await live.run(_segments(requests), emit)
+            finally:
+                self._router.unbind(record.request_id)
+                logger.debug(
+                    "[%s] live stream ends: %d segments translated",
+                    record.request_id,
+                    live.num_translated,
+                )
+
+    def _live_settings(self, config: inference_pb2.TranslateLiveConfig) -> LiveSettings:
+        self._check_common(config, config.model)
+        sampling = admission.validate_sampling(sampling_from_proto(config.sampling), self._limits)
+        prompts.language_name(config.target_lang, "config.target_lang")
+        source = config.source_lang.strip().lower()
+        if source not in ("", prompts.AUTO_LANGUAGE):
+            prompts.language_name(source, "config.source_lang")
+        if self._tokenizer.chat_template is None:
+            raise FailedPrecondition("the model has no chat template; live translation needs one")
+        limits = self._live_limits
+        num_context = limits.default_context_segments
+        if config.HasField("context_segments"):
+            num_context = config.context_segments
+        if num_context > limits.max_context_segments:
+            raise InvalidArgument(
+                f"config.context_segments must be at most {limits.max_context_segments}, "
+                f"got {num_context}"
+            )
+        known = [r.status for r in self._router.healthy_replicas() if r.status is not None]
+        if not known:
+            raise Unavailable("no healthy replica")
+        return LiveSettings(
+            source_lang=config.source_lang,
+            target_lang=config.target_lang,
+            sampling=sampling,
+            context_segments=num_context,
+            max_model_len=min(s.max_model_len for s in known),
+        )
+
+    def _live_prompt(self, context: grpc.aio.ServicerContext) -> RunPrompt:
+        def run(
+            record: RequestRecord,
+            prompt_ids: Sequence[int],
+            sampling: SamplingParams,
+            field: str,
+            affinity: str,
+        ) -> AsyncIterator[OutputChunk]:
+            timeout_s = context.time_remaining()
+            return self._generate(record, prompt_ids, sampling, field, timeout_s, affinity)
+
+        return run
+
+    def _segment_call(self, stream: RequestRecord) -> SegmentCall:
+        """Per segment: a record of its own (method TranslateLiveSegment, arrival when
+        the segment became final), whose counts also add up in the stream's record."""
+
+        @contextlib.asynccontextmanager
+        async def call(index: int, arrival: float) -> AsyncIterator[RequestRecord]:
+            record = RequestRecord("TranslateLiveSegment", self._model_id, self._metrics)
+            record.request_id = f"{stream.request_id}-{index}"
+            record.arrival = arrival
+            try:
+                yield record
+            except BaseException as error:
+                record.fail(status_of(error), _error_message(error))
+                raise
+            finally:
+                record.end()
+                stream.replica = record.replica
+                stream.prompt_tokens += record.prompt_tokens
+                stream.cached_prompt_tokens += record.cached_prompt_tokens
+                stream.completion_tokens += record.completion_tokens
+
+        return call
+
+
+async def _segments(
+    requests: AsyncIterator[inference_pb2.TranslateLiveRequest],
+) -> AsyncIterator[SegmentInput]:
+    """The segment messages after the first; another config is refused."""
+    async for request in requests:
+        if request.WhichOneof("kind") != "segment":
+            raise InvalidArgument("only the first TranslateLiveRequest may carry config")
+        yield SegmentInput(request.segment.text, request.segment.final)
 
 
 async def _tokenize(num_chars: int, build: Callable[..., list[int]], *args: Any) -> list[int]:
@@ -224,6 +465,10 @@ async def _tokenize(num_chars: int, build: Callable[..., list[int]], *args: Any)
     if num_chars > OFF_LOOP_CHARS:
         return await asyncio.to_thread(build, *args)
     return build(*args)
+
+
+def _error_message(error: BaseException) -> str:
+    return error.message if isinstance(error, ShardwireError) else type(error).__name__
 
 
 def _request_id(client_id: str) -> str:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardwire/v1/inference.proto\x12\x0cshardwire.v1\"\xcd\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x8e\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa1\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.shardwire.v1.ChatMessage\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x9d\x01\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bsource_lang\x18\x03 \x01(\t\x12\x13\n\x0btarget_lang\x18\x04 \x01(\t\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"I\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xc1\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.shardwire.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.shardwire.v1.Usage\x12$\n\x06timing\x18\x05 \x01(\x0b\x32\x14.shardwire.v1.Timing\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"v\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cnum_replicas\x18\x06 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.shardwire.v1.ModelInfo*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb4\x02\n\tInference\x12@\n\x04\x43hat\x12\x19.shardwire.v1.ChatRequest\x1a\x1b.shardwire.v1.GenerateChunk0\x01\x12J\n\tTranslate\x12\x1e.shardwire.v1.TranslateRequest\x1a\x1b.shardwire.v1.GenerateChunk0\x01\x12H\n\x08Generate\x12\x1d.shardwire.v1.GenerateRequest\x1a\x1b.shardwire.v1.GenerateChunk0\x01\x12O\n\nListModels\x12\x1f.shardwire.v1.ListModelsRequest\x1a .shardwire.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardwire/v1/inference.proto\x12\x0cshardwire.v1\"\xcd\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x8e\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb6\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.shardwire.v1.ChatMessage\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0b\x61ppend_only\x18\x06 \x01(\x08\"\x9d\x01\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0bsource_lang\x18\x03 \x01(\t\x12\x13\n\x0btarget_lang\x18\x04 \x01(\t\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"I\n\x06Timing\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xd5\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.shardwire.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.shardwire.v1.Usage\x12$\n\x06timing\x18\x05 \x01(\x0b\x32\x14.shardwire.v1.Timing\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"v\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cnum_replicas\x18\x06 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.shardwire.v1.ModelInfo\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x14\x43loseSessionResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\xc6\x01\n\x13TranslateLiveConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bsource_lang\x18\x02 \x01(\t\x12\x13\n\x0btarget_lang\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1d\n\x10\x63ontext_segments\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x13\n\x11_context_segments\"/\n\x10TranslateSegment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\x86\x01\n\x14TranslateLiveRequest\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32!.shardwire.v1.TranslateLiveConfigH\x00\x12\x31\n\x07segment\x18\x02 \x01(\x0b\x32\x1e.shardwire.v1.TranslateSegmentH\x00\x42\x06\n\x04kind\"Z\n\x15TranslateLiveResponse\x12\x15\n\rsegment_index\x18\x01 \x01(\r\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.shardwire.v1.GenerateChunk*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xe9\x03\n\tInference\x12@\n\x04\x43hat\x12\x19.shardwire.v1.ChatRequest\x1a\x1b.shardwire.v1.GenerateChunk0\x01\x12J\n\tTranslate\x12\x1e.shardwire.v1.TranslateRequest\x1a\x1b.shardwire.v1.GenerateChunk0\x01\x12H\n\x08Generate\x12\x1d.shardwire.v1.GenerateRequest\x1a\x1b.shardwire.v1.GenerateChunk0\x01\x12O\n\nListModels\x12\x1f.shardwire.v1.ListModelsRequest\x1a .shardwire.v1.ListModelsResponse\x12\\\n\rTranslateLive\x12\".shardwire.v1.TranslateLiveRequest\x1a#.shardwire.v1.TranslateLiveResponse(\x01\x30\x01\x12U\n\x0c\x43loseSession\x12!.shardwire.v1.CloseSessionRequest\x1a\".shardwire.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardwire.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1333
-  _globals['_FINISHREASON']._serialized_end=1453
+  _globals['_FINISHREASON']._serialized_start=1935
+  _globals['_FINISHREASON']._serialized_end=2055
   _globals['_SAMPLINGPARAMS']._serialized_start=47
   _globals['_SAMPLINGPARAMS']._serialized_end=252
   _globals['_GENERATEREQUEST']._serialized_start=255
@@ -40,21 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=399
   _globals['_CHATMESSAGE']._serialized_end=443
   _globals['_CHATREQUEST']._serialized_start=446
-  _globals['_CHATREQUEST']._serialized_end=607
-  _globals['_TRANSLATEREQUEST']._serialized_start=610
-  _globals['_TRANSLATEREQUEST']._serialized_end=767
-  _globals['_USAGE']._serialized_start=769
-  _globals['_USAGE']._serialized_end=856
-  _globals['_TIMING']._serialized_start=858
-  _globals['_TIMING']._serialized_end=931
-  _globals['_GENERATECHUNK']._serialized_start=934
-  _globals['_GENERATECHUNK']._serialized_end=1127
-  _globals['_LISTMODELSREQUEST']._serialized_start=1129
-  _globals['_LISTMODELSREQUEST']._serialized_end=1148
-  _globals['_MODELINFO']._serialized_start=1150
-  _globals['_MODELINFO']._serialized_end=1268
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1270
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1331
-  _globals['_INFERENCE']._serialized_start=1456
-  _globals['_INFERENCE']._serialized_end=1764
+  _globals['_CHATREQUEST']._serialized_end=628
+  _globals['_TRANSLATEREQUEST']._serialized_start=631
+  _globals['_TRANSLATEREQUEST']._serialized_end=788
+  _globals['_USAGE']._serialized_start=790
+  _globals['_USAGE']._serialized_end=877
+  _globals['_TIMING']._serialized_start=879
+  _globals['_TIMING']._serialized_end=952
+  _globals['_GENERATECHUNK']._serialized_start=955
+  _globals['_GENERATECHUNK']._serialized_end=1168
+  _globals['_LISTMODELSREQUEST']._serialized_start=1170
+  _globals['_LISTMODELSREQUEST']._serialized_end=1189
+  _globals['_MODELINFO']._serialized_start=1191
+  _globals['_MODELINFO']._serialized_end=1309
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1311
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1372
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1374
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1415
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1417
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1454
+  _globals['_TRANSLATELIVECONFIG']._serialized_start=1457
+  _globals['_TRANSLATELIVECONFIG']._serialized_end=1655
+  _globals['_TRANSLATESEGMENT']._serialized_start=1657
+  _globals['_TRANSLATESEGMENT']._serialized_end=1704
+  _globals['_TRANSLATELIVEREQUEST']._serialized_start=1707
+  _globals['_TRANSLATELIVEREQUEST']._serialized_end=1841
+  _globals['_TRANSLATELIVERESPONSE']._serialized_start=1843
+  _globals['_TRANSLATELIVERESPONSE']._serialized_end=1933
+  _globals['_INFERENCE']._serialized_start=2058
+  _globals['_INFERENCE']._serialized_end=2547
 # @@protoc_insertion_point(module_scope)

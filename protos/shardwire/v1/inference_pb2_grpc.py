@@ -54,6 +54,16 @@ class InferenceStub:
                 request_serializer=shardwire_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=shardwire_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.TranslateLive = channel.stream_stream(
+                '/shardwire.v1.Inference/TranslateLive',
+                request_serializer=shardwire_dot_v1_dot_inference__pb2.TranslateLiveRequest.SerializeToString,
+                response_deserializer=shardwire_dot_v1_dot_inference__pb2.TranslateLiveResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/shardwire.v1.Inference/CloseSession',
+                request_serializer=shardwire_dot_v1_dot_inference__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=shardwire_dot_v1_dot_inference__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -87,6 +97,23 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TranslateLive(self, request_iterator, context):
+        """TranslateLive translates a stream of text segments as they arrive: the first
+        message carries the languages and sampling, then come segments; each segment's
+        translation streams back tagged with its index, with the previous segments as
+        context. Half-closing ends the stream after the last translation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """CloseSession drops a chat session the gateway keeps (see ChatRequest.append_only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +136,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=shardwire_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=shardwire_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'TranslateLive': grpc.stream_stream_rpc_method_handler(
+                    servicer.TranslateLive,
+                    request_deserializer=shardwire_dot_v1_dot_inference__pb2.TranslateLiveRequest.FromString,
+                    response_serializer=shardwire_dot_v1_dot_inference__pb2.TranslateLiveResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=shardwire_dot_v1_dot_inference__pb2.CloseSessionRequest.FromString,
+                    response_serializer=shardwire_dot_v1_dot_inference__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +256,60 @@ class Inference:
             '/shardwire.v1.Inference/ListModels',
             shardwire_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             shardwire_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranslateLive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shardwire.v1.Inference/TranslateLive',
+            shardwire_dot_v1_dot_inference__pb2.TranslateLiveRequest.SerializeToString,
+            shardwire_dot_v1_dot_inference__pb2.TranslateLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardwire.v1.Inference/CloseSession',
+            shardwire_dot_v1_dot_inference__pb2.CloseSessionRequest.SerializeToString,
+            shardwire_dot_v1_dot_inference__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
