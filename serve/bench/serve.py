@@ -95,10 +95,17 @@ async def bench_shardwire_level(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     return LevelResult(
-        "shardwire", concurrency, len(prompts), total, wall, total / wall,
-        percentile(ttfts, 50) * 1e3, percentile(ttfts, 99) * 1e3,
-        percentile(itls, 50) * 1e3, percentile(itls, 99) * 1e3,
-    )  # fmt: skip
+        "shardwire",
+        concurrency,
+        len(prompts),
+        total,
+        wall,
+        total / wall,
+        percentile(ttfts, 50) * 1e3,
+        percentile(ttfts, 99) * 1e3,
+        percentile(itls, 50) * 1e3,
+        percentile(itls, 99) * 1e3,
+    )
 
 
 def bench_transformers(hf, batch: int, prompts: list[list[int]], max_tokens: int) -> LevelResult:
@@ -122,9 +129,13 @@ def bench_transformers(hf, batch: int, prompts: list[list[int]], max_tokens: int
             ttft = time.perf_counter() - t0
             t0 = time.perf_counter()
             out = hf.generate(
-                ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                do_sample=False, pad_token_id=0,
-            )  # fmt: skip
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
             dt = time.perf_counter() - t0
             n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
             total += n
@@ -134,10 +145,17 @@ def bench_transformers(hf, batch: int, prompts: list[list[int]], max_tokens: int
     # wall includes the separate TTFT probes; tokens/s counts only the full runs.
     gen_wall = wall - sum(ttfts[::batch])
     return LevelResult(
-        "transformers", batch, len(prompts), total, gen_wall, total / gen_wall,
-        percentile(ttfts, 50) * 1e3, percentile(ttfts, 99) * 1e3,
-        percentile(itls, 50) * 1e3, percentile(itls, 99) * 1e3,
-    )  # fmt: skip
+        "transformers",
+        batch,
+        len(prompts),
+        total,
+        gen_wall,
+        total / gen_wall,
+        percentile(ttfts, 50) * 1e3,
+        percentile(ttfts, 99) * 1e3,
+        percentile(itls, 50) * 1e3,
+        percentile(itls, 99) * 1e3,
+    )
 
 
 def hf_model_from_preset(model_name: str):
@@ -149,13 +167,20 @@ def hf_model_from_preset(model_name: str):
     ours = load_model(model_name)
     c = ours.config
     hc = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids),
-    )  # fmt: skip
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=list(c.eos_token_ids),
+    )
     hf = LlamaForCausalLM(hc).eval()
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     if missing or unexpected:
@@ -165,9 +190,19 @@ def hf_model_from_preset(model_name: str):
 
 def start_server(model: str, port: int, max_num_seqs: int) -> subprocess.Popen:
     argv = [
-        sys.executable, "-m", "serve.cli", "--log-level", "warning", "up",
-        "--model", model, "--port", str(port), "--max-num-seqs", str(max_num_seqs),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "serve.cli",
+        "--log-level",
+        "warning",
+        "up",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(max_num_seqs),
+    ]
     return subprocess.Popen(argv, start_new_session=True)
 
 
@@ -201,8 +236,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,16,32")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--requests-per-level", type=int, default=0,
-                   help="0: max(2 x concurrency, 4)")  # fmt: skip
+    p.add_argument("--requests-per-level", type=int, default=0, help="0: max(2 x concurrency, 4)")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default="bench-results/serve.json")

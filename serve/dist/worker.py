@@ -12,6 +12,7 @@ from serve.config import ShardConfig
 from serve.dist.group import (
     PLAN_STEP,
     PLAN_STOP,
+    OverlapPolicy,
     ParallelGroup,
     PlanChannel,
     init_process_group,
@@ -38,6 +39,8 @@ def load_rank(config: ShardConfig) -> tuple[LlamaForCausalLM, PlanChannel | None
         codec=tp.comm_codec, accuracy=tp.comm_accuracy, zstd_level=tp.comm_zstd_level
     )
     group.comm = Communicator.start(tp.rank, tp.size, comm_config, dtype=model.dtype)
+    if tp.overlap_chunks > 1:
+        group.overlap = OverlapPolicy(tp.overlap_min_tokens, tp.overlap_chunks)
     return model, PlanChannel(tp.rank, tp.size)
 
 

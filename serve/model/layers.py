@@ -68,8 +68,12 @@ class RowParallelLinear(nn.Module):
         in_local = group.shard(in_features, "input features")
         self.weight = _param((out_features, in_local), 1, dtype, (group.rank, group.size))
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of y, before the all-reduce."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(F.linear(x, self.weight))
+        return self.group.all_reduce(self.partial(x))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -85,14 +89,17 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = group.rank * self.vocab_local
         self.weight = _param((self.vocab_local, hidden), 0, dtype, (group.rank, group.size))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def partial(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows this rank holds, zeros elsewhere: before the all-reduce."""
         if self.group.size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.vocab_local)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
-        x = x.masked_fill(outside[:, None], 0)
-        return self.group.all_reduce(x)
+        return x.masked_fill(outside[:, None], 0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(self.partial(ids))
 
 
 class ParallelLMHead(nn.Module):

@@ -22,6 +22,7 @@ from serve.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from serve.model.overlap import forward_overlapped, micro_chunk_bounds
 
 
 def kv_head_piece(num_kv_heads: int, group: ParallelGroup) -> tuple[int, int]:
@@ -61,6 +62,16 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        return self.o_proj.group.all_reduce(self.partial(x, rope, kv_cache, meta))
+
+    def partial(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """This rank's share of the output [n, hidden], before the all-reduce."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
@@ -69,7 +80,7 @@ class Attention(nn.Module):
         k = RotaryEmbedding.apply(k, *rope)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)  # [n, heads, d]
-        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj.partial(o.reshape(n, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -81,7 +92,11 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(i, h, group, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj.group.all_reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output [n, hidden], before the all-reduce."""
+        return self.down_proj.partial(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -108,6 +123,7 @@ class LlamaModel(nn.Module):
         self, cfg: ModelConfig, group: ParallelGroup, max_positions: int, dtype: torch.dtype
     ) -> None:
         super().__init__()
+        self.group = group
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, group, dtype) for _ in range(cfg.num_layers))
@@ -120,6 +136,10 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        w = self.embed_tokens.weight  # [vocab_local, hidden]
+        bounds = micro_chunk_bounds(meta, input_ids.numel(), self.group, w.shape[1], w.dtype)
+        if bounds is not None:
+            return forward_overlapped(self, input_ids, positions, kv_caches, meta, bounds)
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         rope = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

@@ -1,0 +1,132 @@
+"""Micro-chunked forward passes: the all-reduce of one piece of a step runs
+while the next piece computes.
+
+A large step (a long prefill) is cut into pieces of consecutive tokens. Layer
+by layer, every piece's attention runs in token order (a later piece reads the
+keys and values an earlier piece of the same sequence has just written), its
+partial output goes to the comm thread (ParallelGroup.all_reduce_async), and
+the next piece computes meanwhile; then the MLPs, the same way:
+
+    layer l:  attn(p0) attn(p1) | mlp(p0) mlp(p1) | attn(p0) ...
+    comm:          AR(p0)  AR(p1)     AR(p0)  AR(p1)
+
+Every rank cuts the same step at the same tokens and submits the same
+all-reduces in the same order, so the collectives meet as in the plain path.
+Rows are computed by the same operations as on the plain path, but the
+matmuls and attention of a piece see fewer rows, so the results may differ from
+the plain path in the last bits: the policy keeps it off unless configured.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+import torch
+
+from serve.dist.group import ParallelGroup
+from serve.model.attention import AttentionMetadata, PrefillChunk
+
+if TYPE_CHECKING:
+    from serve.model.llama import LlamaModel
+
+
+def micro_chunk_bounds(
+    meta: AttentionMetadata,
+    num_tokens: int,
+    group: ParallelGroup,
+    hidden: int,
+    dtype: torch.dtype,
+) -> list[int] | None:
+    """Token offsets [0, b1, ..., num_tokens] cutting the step into pieces
+    under the group's overlap policy, or None to run it whole. Decode tokens
+    (at the front of a step) all stay in the first piece."""
+    policy = group.overlap
+    if group.size == 1 or not policy.enabled or num_tokens < policy.min_tokens:
+        return None
+    k = min(policy.num_chunks, num_tokens // max(policy.min_chunk_tokens, 1))
+    if k < 2:
+        return None
+    bounds = [round(num_tokens * j / k) for j in range(k + 1)]
+    if bounds[1] < meta.num_decode_tokens:
+        return None
+    if policy.exact_only and not _exact_path(group, bounds[1] * hidden, dtype):
+        return None
+    return bounds
+
+
+def _exact_path(group: ParallelGroup, numel: int, dtype: torch.dtype) -> bool:
+    """Whether an all-reduce of numel elements goes uncompressed (a
+    communicator without codecs always does)."""
+    spec_for = getattr(group.comm, "spec_for", None)
+    if spec_for is None:
+        return True
+    # Only the size and dtype are read: a zero-stride view allocates nothing.
+    return spec_for(torch.empty((), dtype=dtype).expand(numel)) is None
+
+
+def split_metadata(meta: AttentionMetadata, start: int, stop: int) -> AttentionMetadata:
+    """The metadata of the step's tokens [start, stop): decodes only in a piece
+    that starts at 0 (and holds them all), prefill chunks cut at the piece's
+    edges with their context shortened to the tokens up to the cut."""
+    nd = meta.num_decode_tokens
+    if start > 0:
+        nd = 0
+    elif stop < nd:
+        raise ValueError(f"a piece [0, {stop}) must hold all {nd} decode tokens")
+    prefills = []
+    for c in meta.prefills:
+        lo, hi = max(c.start, start), min(c.start + c.num_tokens, stop)
+        if lo >= hi:
+            continue
+        after = c.start + c.num_tokens - hi  # tokens of the chunk past this piece
+        prefills.append(PrefillChunk(lo - start, hi - lo, c.context_len - after, c.block_table))
+    width = meta.decode_block_tables.shape[1] if meta.decode_block_tables.dim() == 2 else 0
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping[start:stop],
+        num_decode_tokens=nd,
+        decode_block_tables=meta.decode_block_tables[:nd].reshape(nd, width),
+        decode_context_lens=meta.decode_context_lens[:nd],
+        prefills=prefills,
+        block_size=meta.block_size,
+    )
+
+
+def forward_overlapped(
+    model: LlamaModel,
+    input_ids: torch.Tensor,  # [num_tokens]
+    positions: torch.Tensor,  # [num_tokens]
+    kv_caches: list[torch.Tensor],
+    meta: AttentionMetadata,
+    bounds: list[int],
+) -> torch.Tensor:
+    """LlamaModel.forward, piece by piece with the all-reduces of one piece
+    overlapping the compute of the next. Returns [num_tokens, hidden]."""
+    group = model.group
+    spans = list(zip(bounds, bounds[1:], strict=False))
+    metas = [split_metadata(meta, a, b) for a, b in spans]
+    cos, sin = model.rotary.lookup(positions)
+    ropes = [(cos[a:b], sin[a:b]) for a, b in spans]
+    # Per piece: the residual stream (None until the embedding lands) and the
+    # all-reduce in flight that is added to it next.
+    xs: list[torch.Tensor | None] = [None] * len(spans)
+    pending: list[Future[torch.Tensor]] = [
+        group.all_reduce_async(model.embed_tokens.partial(input_ids[a:b])) for a, b in spans
+    ]
+
+    def land(j: int) -> torch.Tensor:
+        r = pending[j].result()  # [piece, hidden]
+        x = xs[j]
+        xs[j] = r if x is None else x + r
+        return xs[j]  # type: ignore[return-value]
+
+    for layer, kv_cache in zip(model.layers, kv_caches, strict=True):
+        for j in range(len(spans)):
+            x = land(j)
+            h = layer.self_attn.partial(layer.input_layernorm(x), ropes[j], kv_cache, metas[j])
+            pending[j] = group.all_reduce_async(h)
+        for j in range(len(spans)):
+            h = layer.mlp.partial(layer.post_attention_layernorm(land(j)))
+            pending[j] = group.all_reduce_async(h)
+    out = [land(j) for j in range(len(spans))]
+    return model.norm(torch.cat(out))
