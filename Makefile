@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/shardwire up --model tiny --port $(PORT) --demo
+	$(BIN)/shardwire --log-level warning up --model tiny --port $(PORT) --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
