@@ -78,8 +78,9 @@ def _add_comm_args(p: argparse.ArgumentParser) -> None:
         "--tp-overlap-chunks",
         type=int,
         default=env_int("SHARDWIRE_TP_OVERLAP_CHUNKS", d.overlap_chunks),
-        help=f"cut prefill steps of >= {d.overlap_min_tokens} tokens into this many micro-chunks"
-        " whose all-reduces overlap the next chunk's compute (1: off)",
+        help=f"cut steps of >= {d.overlap_min_tokens} tokens into this many micro-chunks whose"
+        " all-reduces overlap the next chunk's compute, when those are bound by the link"
+        " (1: off; gloo only)",
     )
     p.add_argument(
         "--tp-timeout",

@@ -38,8 +38,9 @@ class TPConfig:
     comm_accuracy: str = "exact"
     comm_zstd_level: int = 1
     # Steps of at least overlap_min_tokens tokens run as overlap_chunks micro-chunks
-    # whose all-reduces overlap the next chunk's compute (1: off).
-    overlap_chunks: int = 1
+    # whose all-reduces overlap the next chunk's compute, where those are bound by
+    # the link (1: off; gloo only).
+    overlap_chunks: int = 2
     overlap_min_tokens: int = 256
 
 

@@ -118,6 +118,8 @@ def shard_argv(cfg: ShardConfig, log_level: str, log_format: str) -> list[str]:
         cfg.tp.comm_accuracy,
         "--comm-zstd-level",
         str(cfg.tp.comm_zstd_level),
+        "--tp-overlap-chunks",
+        str(cfg.tp.overlap_chunks),
         "--metrics-port",
         str(cfg.metrics_port),
         "--drain-timeout",

@@ -188,7 +188,7 @@ def hf_model_from_preset(model_name: str):
     return hf
 
 
-def start_server(model: str, port: int, max_num_seqs: int) -> subprocess.Popen:
+def start_server(model: str, port: int, max_num_seqs: int, num_threads: int) -> subprocess.Popen:
     argv = [
         sys.executable,
         "-m",
@@ -200,6 +200,8 @@ def start_server(model: str, port: int, max_num_seqs: int) -> subprocess.Popen:
         model,
         "--port",
         str(port),
+        "--num-threads",
+        str(num_threads),
         "--max-num-seqs",
         str(max_num_seqs),
     ]
@@ -238,6 +240,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-level", type=int, default=0, help="0: max(2 x concurrency, 4)")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument(
+        "--num-threads", type=int, default=0, help="torch threads of the replica (0: default)"
+    )
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default="bench-results/serve.json")
     return p.parse_args(argv)
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     target = f"127.0.0.1:{port}"
     results: list[LevelResult] = []
     per_level = {c: args.requests_per_level or max(2 * c, 4) for c in levels}
-    proc = start_server(args.model, port, max(levels))
+    proc = start_server(args.model, port, max(levels), args.num_threads)
     try:
         asyncio.run(wait_serving(target, 300, proc))
         warm = make_prompts(2, args.prompt_len, vocab, seed=99)

@@ -33,6 +33,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clients.client import AsyncClient
+    from serve.bench.netns import NetnsPair
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +114,16 @@ class ServeResult:
     itl_batch_p90_ms: float
     batch: int
     batch_tokens_per_s: float
+    itl_b1_gaps_ms: list[float]
 
 
 def _prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.choice(PRINTABLE) for _ in range(n)]
 
 
-async def _stream(client, prompt: list[int], max_tokens: int) -> tuple[float, list[float]]:
+async def _stream(
+    client: AsyncClient, prompt: list[int], max_tokens: int
+) -> tuple[float, list[float]]:
     """(TTFT, gaps): the seconds to the first token, then one gap per later
     token (a chunk of k tokens shares its gap among them)."""
     start = time.perf_counter()
@@ -173,6 +181,7 @@ async def _client(args: argparse.Namespace) -> ServeResult:
         itl_batch_p90_ms=percentile(gaps, 90) * 1e3,
         batch=args.batch,
         batch_tokens_per_s=args.batch * args.itl_tokens / wall,
+        itl_b1_gaps_ms=[round(g * 1e3, 2) for g in gaps1],
     )
 
 
@@ -206,7 +215,9 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout_s: float) -> 
             raise RuntimeError(f"{log.stem} exited with {rc}:\n{tail}")
 
 
-def _popen(pair, side: int | None, argv: list[str], log: Path, env: dict[str, str]):
+def _popen(
+    pair: NetnsPair, side: int | None, argv: list[str], log: Path, env: dict[str, str]
+) -> subprocess.Popen:
     """Starts argv in a namespace (side 0/1) of the pair, or here (None)."""
     out = log.open("w")
     try:
@@ -219,7 +230,7 @@ def _popen(pair, side: int | None, argv: list[str], log: Path, env: dict[str, st
         out.close()
 
 
-def run_harness(pair, args: argparse.Namespace, tmp: Path, port: int) -> dict:
+def run_harness(pair: NetnsPair, args: argparse.Namespace, tmp: Path, port: int) -> dict:
     """Accuracy and step timings with both ranks on the pair's link."""
     out = tmp / "harness.json"
     common = [
@@ -245,7 +256,9 @@ def run_harness(pair, args: argparse.Namespace, tmp: Path, port: int) -> dict:
     return json.loads(out.read_text())
 
 
-def run_serving(pair, args: argparse.Namespace, tmp: Path, codec: str | None, run: int) -> dict:
+def run_serving(
+    pair: NetnsPair, args: argparse.Namespace, tmp: Path, codec: str | None, run: int
+) -> dict:
     """One serving run (the run-th on this pair: its ports): TP=2 across the
     pair with codec, or (codec None) TP=1 in namespace A. Returns the
     client's ServeResult as a dict."""
@@ -344,8 +357,8 @@ def link_table(link: dict, codecs: list[str], tp1: dict | None) -> str:
             f"| {_fmt(s.get('itl_b1_p50_ms', math.nan))} "
             f"| {_fmt(s.get('itl_batch_p50_ms', math.nan))} / "
             f"{_fmt(s.get('itl_batch_p90_ms', math.nan))} | {wire} "
-            f"| {_fmt(aa.get('top1_agreement', math.nan) * 100, 1)}% "
-            f"| {_fmt(aa.get('free_run_agreement', math.nan) * 100, 1)}% "
+            f"| {_fmt(aa.get('top1_agreement', math.nan) * 100, 2)}% "
+            f"| {_fmt(aa.get('free_run_agreement', math.nan) * 100, 2)}% "
             f"| {aa.get('kl_mean', math.nan):.2e} |"
         )
     if tp1:
@@ -363,8 +376,8 @@ def link_table(link: dict, codecs: list[str], tp1: dict | None) -> str:
             f"One prefill step of {timing[0][1]['tokens']} tokens (harness, rank 0 wall time, "
             "median ms); k = micro-chunks whose all-reduces overlap the next chunk's compute:",
             "",
-            "| codec | " + " | ".join(f"k={k}" for k in chunks) + " |",
-            "|---|" + "---:|" * len(chunks),
+            "| codec | " + " | ".join(f"k={k}" for k in chunks) + " | default policy |",
+            "|---|" + "---:|" * len(chunks) + "---|",
         ]
         for codec, t in timing:
             base = t["by_chunks"].get("1", {}).get("median_ms", math.nan)
@@ -372,8 +385,11 @@ def link_table(link: dict, codecs: list[str], tp1: dict | None) -> str:
             for k in chunks:
                 v = t["by_chunks"][k]["median_ms"]
                 ratio = "" if k == "1" else f" ({_fmt(_ratio(v, base), 2)}x)"
+                if k != "1" and t["by_chunks"][k].get("pieces", 1) == 1:
+                    ratio += " not cut"
                 cells.append(_fmt(v, 0) + ratio)
-            lines.append(f"| {codec} | " + " | ".join(cells) + " |")
+            policy = "cuts (link-bound)" if t.get("policy_overlaps") else "whole"
+            lines.append(f"| {codec} | " + " | ".join(cells) + f" | {policy} |")
     probe = harness.get("link_probe")
     if probe:
         lines += [
@@ -450,7 +466,7 @@ def targets_table(checks: list[dict]) -> str:
     lines = ["| target | measured | status |", "|---|---:|---|"]
     for c in checks:
         v = c["value"]
-        lines.append(f"| {c['target']} | {'-' if v is None else f'{v:.3f}'} | {c['status']} |")
+        lines.append(f"| {c['target']} | {'-' if v is None else f'{v:.4f}'} | {c['status']} |")
     return "\n".join(lines)
 
 

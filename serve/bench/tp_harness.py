@@ -35,6 +35,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads lazily: `--help` and the driver stay light
+    import torch
+
+    from serve.comm.collectives import Communicator
+    from serve.config import EngineConfig
+    from serve.dist.group import OverlapPolicy, ParallelGroup, PlanChannel
+    from serve.dist.plan import StepPlan
+    from serve.engine.engine import LLMEngine
+    from serve.engine.runner import ModelRunner
+    from serve.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +137,7 @@ def make_prompts(n: int, length: int, seed: int, bos: int) -> list[list[int]]:
 # -- step plans -------------------------------------------------------------------
 
 
-def prefill_plan(seqs: list[list[int]], sample_from: list[int], block_size: int):  # -> StepPlan
+def prefill_plan(seqs: list[list[int]], sample_from: list[int], block_size: int) -> StepPlan:
     """One step prefilling every sequence from scratch, each in its own KV
     blocks (sequence i after sequence i-1's); the sampled rows are each
     sequence's positions from sample_from[i] to its end."""
@@ -175,7 +187,7 @@ def kv_blocks_needed(cfg: HarnessConfig) -> int:
 # -- the leader -------------------------------------------------------------------
 
 
-def generate(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy tokens of every prompt, all in one continuous batch."""
     from serve.engine.request import SamplingParams
 
@@ -189,7 +201,13 @@ def generate(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int
     return [out[f"p{i}"] for i in range(len(prompts))]
 
 
-def teacher_force(runner, channel, prompts, generated, cfg: HarnessConfig):  # -> Tensor
+def teacher_force(
+    runner: ModelRunner,
+    channel: PlanChannel,
+    prompts: list[list[int]],
+    generated: list[list[int]],
+    cfg: HarnessConfig,
+) -> torch.Tensor:
     """Logits [num_prompts * max_tokens, vocab] (float32) of every generated
     position, with prompt + generated tokens forced through the forward in
     steps of at most the engine's token budget."""
@@ -218,7 +236,12 @@ def teacher_force(runner, channel, prompts, generated, cfg: HarnessConfig):  # -
     return torch.cat(rows)
 
 
-def compare(ref_logits, logits, ref_tokens, tokens) -> dict[str, float]:
+def compare(
+    ref_logits: torch.Tensor,  # [positions, vocab] float32
+    logits: torch.Tensor,
+    ref_tokens: list[list[int]],
+    tokens: list[list[int]],
+) -> dict[str, float]:
     """Accuracy of one codec against the reference."""
     import torch
 
@@ -269,15 +292,28 @@ def coded_bytes(snapshot: dict[str, dict[str, float]], itemsize: int) -> dict[st
     return out
 
 
-def time_steps(runner, group, channel, cfg: HarnessConfig, prompt: list[int]) -> dict:
+def time_steps(
+    runner: ModelRunner,
+    group: ParallelGroup,
+    channel: PlanChannel,
+    cfg: HarnessConfig,
+    prompt: list[int],
+) -> dict:
     """Median wall time of one prefill step of the prompt on rank 0, per
     overlap setting, interleaved so a noisy stretch hits every setting; and
     how far each setting's logits are from the whole step's."""
-    from serve.dist.group import OverlapPolicy
+    from serve.model.overlap import micro_chunk_bounds
 
+    default = group.overlap
     times: dict[int, list[float]] = {k: [] for k in cfg.overlap_chunks}
     logits = {}
+    cut = {}
     plan = prefill_plan([prompt], [len(prompt) - 1], cfg.block_size)
+    w = runner.model.model.embed_tokens.weight  # [vocab_local, hidden]
+    for k in cfg.overlap_chunks:
+        group.overlap = overlap_policy(k)
+        bounds = micro_chunk_bounds(plan.meta, len(prompt), group, w.shape[1], w.dtype)
+        cut[k] = 0 if bounds is None else len(bounds) - 1
     for rep in range(cfg.timing_reps + 1):
         for k in cfg.overlap_chunks:
             group.overlap = overlap_policy(k)
@@ -289,10 +325,11 @@ def time_steps(runner, group, channel, cfg: HarnessConfig, prompt: list[int]) ->
                 times[k].append(time.perf_counter() - t0)
             else:
                 logits[k] = out
-    group.overlap = OverlapPolicy()
+    group.overlap = default
     base = logits[cfg.overlap_chunks[0]]
     return {
         str(k): {
+            "pieces": cut[k] or 1,  # what the step was cut into (1: whole)
             "median_ms": _median(v) * 1e3,
             "min_ms": min(v, default=math.nan) * 1e3,
             "times_ms": [t * 1e3 for t in v],
@@ -303,13 +340,15 @@ def time_steps(runner, group, channel, cfg: HarnessConfig, prompt: list[int]) ->
     }
 
 
-def overlap_policy(num_chunks: int):  # -> OverlapPolicy
+def overlap_policy(num_chunks: int) -> OverlapPolicy:
     """Micro-chunking of every timed step into num_chunks pieces (1: off)."""
     from serve.dist.group import OverlapPolicy
 
     if num_chunks < 2:
         return OverlapPolicy()
-    return OverlapPolicy(min_tokens=1, num_chunks=num_chunks, min_chunk_tokens=1, exact_only=False)
+    return OverlapPolicy(
+        min_tokens=1, num_chunks=num_chunks, min_chunk_tokens=1, link_bound_only=False
+    )
 
 
 def _median(v: list[float]) -> float:
@@ -386,12 +425,13 @@ def run(cfg: HarnessConfig) -> dict | None:
                     runner = ModelRunner(model, engine_cfg, engine_cfg.num_kv_blocks)
                     run_worker(runner, channel)
                     if cfg.timing_tokens:
+                        default = group.overlap
                         for _ in range(cfg.timing_reps + 1):
                             for k in cfg.overlap_chunks:
                                 group.overlap = overlap_policy(k)
                                 _, plan = channel.recv()
                                 runner.run(plan)
-                        group.overlap = overlap_policy(1)
+                        group.overlap = default
     finally:
         dist.destroy_process_group()
     if cfg.rank != 0:
@@ -404,6 +444,7 @@ def run(cfg: HarnessConfig) -> dict | None:
         "meta": {
             **{k: v for k, v in asdict(cfg).items() if k not in ("rank", "out")},
             "itemsize": itemsize,
+            "overlap_policy": asdict(group.overlap),
             "torch": torch.__version__,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -424,7 +465,17 @@ def run(cfg: HarnessConfig) -> dict | None:
 
 
 def _lead_codec(
-    name, comm, group, channel, model, engine_cfg, prompts, timing_prompt, cfg, ref, itemsize
+    name: str,
+    comm: Communicator,
+    group: ParallelGroup,
+    channel: PlanChannel,
+    model: LlamaForCausalLM,
+    engine_cfg: EngineConfig,
+    prompts: list[list[int]],
+    timing_prompt: list[int],
+    cfg: HarnessConfig,
+    ref: dict[str, object],
+    itemsize: int,
 ) -> dict:
     """Rank 0's phases for one codec (see the module docstring)."""
     from serve.engine.engine import LLMEngine
@@ -452,11 +503,16 @@ def _lead_codec(
         "coded": coded_bytes(snapshot, itemsize),
     }
     if cfg.timing_tokens:
+        from serve.model.overlap import link_bound
+
         comm.stats.reset()
+        half = cfg.timing_tokens // 2 * model.config.hidden_size
         out["timing"] = {
             "tokens": cfg.timing_tokens,
             "by_chunks": time_steps(engine.runner, group, channel, cfg, timing_prompt),
             "coded": coded_bytes(comm.stats.snapshot(), itemsize),
+            # Whether the default policy would cut this step in two.
+            "policy_overlaps": link_bound(group, half, model.dtype),
         }
     logger.info(
         "codec %s: generate %.1f s, teacher forcing %.1f s, %s",

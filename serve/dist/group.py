@@ -38,16 +38,17 @@ class OverlapPolicy:
     min_tokens 0 or num_chunks < 2: off. Every rank must hold the same policy.
 
     Measured on CPU ranks (`shardwire bench tp`): it pays when the pieces'
-    all-reduces go uncompressed (the comm thread mostly waits on the link),
-    and loses when a codec's encode/decode competes with the matmuls for the
-    same cores; hence `exact_only`."""
+    all-reduces are bound by the link (the comm thread mostly waits), and
+    loses when a codec's encode/decode competes with the matmuls for the same
+    cores; hence `link_bound_only`."""
 
     min_tokens: int = 0
     num_chunks: int = 2
     # Pieces smaller than this are not worth a message of their own.
     min_chunk_tokens: int = 64
-    # Cut a step only when its pieces' all-reduces take the exact path.
-    exact_only: bool = True
+    # Cut a step only when its pieces' all-reduces are bound by the link (they go
+    # uncompressed: no codec work competes with the next piece's matmuls).
+    link_bound_only: bool = True
 
     @property
     def enabled(self) -> bool:

@@ -39,9 +39,25 @@ def load_rank(config: ShardConfig) -> tuple[LlamaForCausalLM, PlanChannel | None
         codec=tp.comm_codec, accuracy=tp.comm_accuracy, zstd_level=tp.comm_zstd_level
     )
     group.comm = Communicator.start(tp.rank, tp.size, comm_config, dtype=model.dtype)
-    if tp.overlap_chunks > 1:
+    # Measured on gloo (CPU) ranks only; NCCL keeps whole steps until measured.
+    if tp.overlap_chunks > 1 and not torch.cuda.is_available():
         group.overlap = OverlapPolicy(tp.overlap_min_tokens, tp.overlap_chunks)
+    check_same_overlap(group)
     return model, PlanChannel(tp.rank, tp.size)
+
+
+def check_same_overlap(group: ParallelGroup) -> None:
+    """Ranks that cut steps differently would issue different all-reduces:
+    refuse to start unless every rank holds the same overlap policy."""
+    p = group.overlap
+    policy = [p.min_tokens, p.num_chunks, p.link_bound_only] if p.enabled else [0, 0, 0]
+    mine = torch.tensor([policy], dtype=torch.int64)
+    every = group.comm.all_gather(mine, dim=0)  # type: ignore[union-attr]
+    if not bool((every == mine).all()):
+        raise ValueError(
+            f"TP ranks disagree on the overlap policy (min tokens, chunks, link-bound only: "
+            f"{every.tolist()}); pass the same --tp-overlap-chunks to every rank"
+        )
 
 
 def run_worker(runner: ModelRunner, channel: PlanChannel) -> None:

@@ -50,19 +50,30 @@ def micro_chunk_bounds(
     bounds = [round(num_tokens * j / k) for j in range(k + 1)]
     if bounds[1] < meta.num_decode_tokens:
         return None
-    if policy.exact_only and not _exact_path(group, bounds[1] * hidden, dtype):
+    piece, whole = bounds[1] * hidden, num_tokens * hidden
+    if _codec(group, piece, dtype) != _codec(group, whole, dtype):
+        return None  # smaller messages would change codec (e.g. fall under a size threshold)
+    if policy.link_bound_only and not link_bound(group, piece, dtype):
         return None
     return bounds
 
 
-def _exact_path(group: ParallelGroup, numel: int, dtype: torch.dtype) -> bool:
-    """Whether an all-reduce of numel elements goes uncompressed (a
-    communicator without codecs always does)."""
+def _codec(group: ParallelGroup, numel: int, dtype: torch.dtype) -> str:
+    """The codec an all-reduce of numel elements takes ("none": exact path)."""
     spec_for = getattr(group.comm, "spec_for", None)
     if spec_for is None:
-        return True
+        return "none"
     # Only the size and dtype are read: a zero-stride view allocates nothing.
-    return spec_for(torch.empty((), dtype=dtype).expand(numel)) is None
+    spec = spec_for(torch.empty((), dtype=dtype).expand(numel))
+    return "none" if spec is None else spec.label
+
+
+def link_bound(group: ParallelGroup, numel: int, dtype: torch.dtype) -> bool:
+    """Whether an all-reduce of numel elements mostly waits on the link: when
+    it goes uncompressed. A coded one is counted as CPU work, since encoding
+    and decoding share the cores with the matmuls of the next piece (measured:
+    cutting such steps lost 11-13% at 1000 Mbit/s, gained up to 18% at 100)."""
+    return _codec(group, numel, dtype) == "none"
 
 
 def split_metadata(meta: AttentionMetadata, start: int, stop: int) -> AttentionMetadata:

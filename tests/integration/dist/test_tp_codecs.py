@@ -4,7 +4,8 @@ all-reduces exceed the small-message threshold, so the codecs are on the path.
 
 int8 must keep greedy tokens and logits close to `none`, int8 and int4 must put
 fewer bytes on the wire than they reduce, and micro-chunked prefill steps
-(overlapped all-reduces) must give the whole step's logits."""
+(overlapped all-reduces) must give the whole step's logits, and with codec
+`none` the greedy tokens of transformers on prompts long enough to be cut."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import sys
 from pathlib import Path
 
 from serve.launch import free_port
+from tests.fixtures.hf_checkpoints import CheckpointFactory
+from tests.integration.dist.test_tp import _serve_and_generate
+from tests.integration.test_parity_grpc import _greedy_reference, _prompt
 
 ROOT = Path(__file__).resolve().parents[3]
 PROMPT_LEN = 300  # x hidden 128 x 4 bytes: 150 KB prefill messages, over the 64 KB threshold
@@ -78,10 +82,22 @@ def test_int8_and_int4_on_a_two_rank_group(tmp_path: Path) -> None:
     # Decode steps (3 tokens x 512 bytes) stay on the exact path.
     assert codecs["int8"]["coded"]["none"]["wire_vs_raw"] == 1.0
 
-    # Micro-chunked steps: the whole step's logits up to float rounding. (int8
-    # in three pieces of 100 tokens: 51 KB messages, the exact path; not compared.)
-    for name, ks in (("none", ("2", "3")), ("int8", ("2",))):
+    # Micro-chunked steps: the whole step's logits up to float rounding.
+    for name in ("none", "int8"):
         steps = codecs[name]["timing"]["by_chunks"]
-        for k in ks:
+        for k in ("2", "3"):
             assert steps[k]["same_argmax"], (name, k, steps[k])
             assert steps[k]["max_abs_logit_diff"] < 1e-3, (name, k, steps[k])
+    # int8 in three pieces of 100 tokens would send 51 KB messages, under the
+    # 64 KB codec threshold: that step is not cut. Two rounds (warm-up, timed) of
+    # k=1 (whole), k=2 (two pieces), k=3 (whole), each piece 1 + 2 x 4 layers messages.
+    per_step = 1 + 2 * 4
+    assert codecs["int8"]["timing"]["coded"]["int8"]["messages"] == 2 * per_step * (1 + 2 + 1)
+
+
+def test_long_prompts_cut_into_pieces_keep_parity(checkpoint_factory: CheckpointFactory) -> None:
+    ckpt = checkpoint_factory("llama")
+    # >= 256 tokens in a step: the default policy cuts it in two (codec none, gloo).
+    prompts = [_prompt(ckpt, n, seed=7 + n) for n in (300, 400)]
+    reference = [_greedy_reference(ckpt, p, max_tokens=64) for p in prompts]
+    assert _serve_and_generate(str(ckpt.path), 2, prompts) == reference
