@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2, shard_pb2_grpc
+from shardwire.v1 import inference_pb2, inference_pb2_grpc
 
 from clients.cli import build_parser, chat_repl
 from clients.client import AsyncClient, Chunk, Client, sampling_params
@@ -27,6 +27,7 @@ from serve.errors import Unavailable
 from serve.gateway.app import start_gateway
 from serve.model.tokenizer import Tokenizer
 from serve.shard.app import start_shard
+from tests.fixtures.servers import idle_free_blocks, shard_status, wait_free_blocks
 
 MAX_TOKENS_LIMIT = 1000
 MAX_REQUEST_BYTES = 64 * 1024
@@ -82,27 +83,12 @@ def client(stack: Stack) -> Iterator[Client]:
         yield c
 
 
-def _shard_status(stack: Stack) -> shard_pb2.StatusResponse:
-    with grpc.insecure_channel(stack.shard) as channel:
-        return shard_pb2_grpc.ShardStub(channel).Status(shard_pb2.StatusRequest(), timeout=5)
-
-
 def _idle_free_blocks(stack: Stack, timeout_s: float = 10.0) -> int:
-    """kv_blocks_free once the replica runs nothing."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = _shard_status(stack)
-        if status.num_running == 0 and status.num_waiting == 0:
-            return status.kv_blocks_free
-        assert time.monotonic() < deadline, "replica did not go idle"
-        time.sleep(0.02)
+    return idle_free_blocks(stack.shard, timeout_s)
 
 
 def _wait_free_blocks(stack: Stack, expected: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (free := _shard_status(stack).kv_blocks_free) != expected:
-        assert time.monotonic() < deadline, f"kv_blocks_free stuck at {free}, expected {expected}"
-        time.sleep(0.02)
+    wait_free_blocks(stack.shard, expected, timeout_s)
 
 
 def _health(stack: Stack, service: str = "shardwire.v1.Inference") -> int:
@@ -229,10 +215,10 @@ def test_client_cancel_returns_kv_blocks(stack: Stack, client: Client) -> None:
     stream = client.generate("cancel me", max_tokens=MAX_TOKENS_LIMIT, ignore_eos=True)
     for _ in range(3):
         assert next(stream).finish_reason is None
-    assert _shard_status(stack).kv_blocks_free < baseline
+    assert shard_status(stack.shard).kv_blocks_free < baseline
     stream.close()  # cancels the call
     _wait_free_blocks(stack, baseline)
-    assert _shard_status(stack).num_running == 0
+    assert shard_status(stack.shard).num_running == 0
 
 
 def test_deadline_reaches_the_replica(stack: Stack) -> None:
