@@ -53,3 +53,22 @@ LOADTEST_ARGS ?= --slo-ttft-p95-ms 2000 --slo-error-rate 0.01
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtests.run --model $(MODEL) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
 		--run-time $(RUN_TIME) --shape $(SHAPE) -- $(LOADTEST_ARGS)
+
+# Fuzzers (tests/fuzz) for FUZZ_SECONDS in all (`make test` gives them 64 s).
+FUZZ_SECONDS ?= 600
+
+.PHONY: fuzz
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q tests/fuzz -p no:cacheprovider
+
+# Soak: mixed load at SOAK_LOAD x measured capacity for SOAK_MINUTES against
+# `shardwire up`; RSS growth, KV blocks leaked, errors and TTFT drift go to
+# bench-results/soak.json. SOAK_ARGS go to the driver (see `shardwire bench soak -h`).
+SOAK_MINUTES ?= 30
+SOAK_LOAD ?= 0.7
+SOAK_ARGS ?=
+
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python -m serve.bench.soak --model $(MODEL) --minutes $(SOAK_MINUTES) \
+		--load $(SOAK_LOAD) --out bench-results/soak.json $(SOAK_ARGS)

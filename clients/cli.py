@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -19,14 +20,55 @@ from clients.client import DEFAULT_TARGET, Chunk, Client, SegmentChunk
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-def _add_common_args(parser: argparse.ArgumentParser) -> None:
+def _add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """How to reach the gateway: address, deadline, API key and TLS."""
     parser.add_argument("--target", default=DEFAULT_TARGET, help="gateway host:port")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SHARDWIRE_API_KEY", ""),
+        help="sent as `authorization: Bearer KEY` (default: $SHARDWIRE_API_KEY; on the "
+        "command line it is visible in ps: prefer the variable or --api-key-file)",
+    )
+    parser.add_argument(
+        "--api-key-file", default="", help="file holding the key (the first line not a # comment)"
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    parser.add_argument("--tls-ca", default="", help="connect with TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls-cert", default="", help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--tls-key", default="", help="private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--tls-server-name", default="", help="name on the gateway's certificate, if not its host"
+    )
+
+
+def _client(args: argparse.Namespace) -> Client:
+    api_key = args.api_key
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            lines = (line.strip() for line in f)
+            api_key = next((k for k in lines if k and not k.startswith("#")), "")
+    return Client(
+        args.target,
+        timeout=args.timeout,
+        api_key=api_key or None,
+        tls=args.tls,
+        tls_ca=args.tls_ca or None,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
+        tls_server_name=args.tls_server_name or None,
+    )
+
+
+def _add_common_args(parser: argparse.ArgumentParser) -> None:
+    _add_connection_args(parser)
     parser.add_argument("--model", default="", help="served model id (default: the first)")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     parser.add_argument("--stats", action="store_true", help="print usage and timing to stderr")
 
 
@@ -75,11 +117,14 @@ def _print_chunks(
 
 def _run(args: argparse.Namespace, body: Any) -> int:
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with _client(args) as client:
             body(client)
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)  # type: ignore[attr-defined]
         return 1
+    except (OSError, ValueError) as exc:  # unreadable key or certificate files
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0
@@ -296,8 +341,7 @@ def register(subparsers: Any) -> None:
     generate.set_defaults(func=cmd_generate)
 
     models = subparsers.add_parser("models", help="list the served models")
-    models.add_argument("--target", default=DEFAULT_TARGET, help="gateway host:port")
-    models.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    _add_connection_args(models)
     models.set_defaults(func=cmd_models)
 
 

@@ -23,14 +23,23 @@ after the translation of the last segment once `segments` is exhausted. The
 gateway refuses a stream with RESOURCE_EXHAUSTED when too many segments wait
 untranslated, so the SDK holds back segments while `max_in_flight` (default 4)
 are untranslated; None sends them as they come.
+
+Security: `api_key` is sent as `authorization: Bearer KEY` with every call (a
+gateway with keys refuses calls without one with UNAUTHENTICATED). `tls_ca` (the
+CA to trust; PEM bytes or a file path), or `tls=True` for the system's roots,
+turns TLS on; `tls_cert` and `tls_key` add a client certificate for a gateway that
+requires mutual TLS, and `tls_server_name` names the certificate's host when it is
+not the target's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,6 +49,9 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 Messages = str | Sequence[Mapping[str, str] | tuple[str, str]]
 # A complete segment, or (text, final): pieces with final False join the next segment.
 Segment = str | tuple[str, bool]
+# PEM data, or the path of a PEM file.
+Pem = bytes | str | os.PathLike[str]
+Metadata = tuple[tuple[str, str], ...]
 
 _FINISH_NAMES = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -191,6 +203,59 @@ def segment_request(segment: Segment) -> inference_pb2.TranslateLiveRequest:
     )
 
 
+def _pem(value: Pem | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """How a client reaches the gateway: credentials (None: plaintext), channel
+    options and the metadata sent with every call."""
+
+    credentials: grpc.ChannelCredentials | None
+    options: tuple[tuple[str, str], ...]
+    metadata: Metadata | None
+
+    @classmethod
+    def build(
+        cls,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        tls_server_name: str | None = None,
+    ) -> ChannelSettings:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate (tls_cert) needs its key (tls_key), and back")
+        credentials = None
+        if tls or tls_ca is not None or tls_cert is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca),
+                private_key=_pem(tls_key),
+                certificate_chain=_pem(tls_cert),
+            )
+        elif tls_server_name:
+            raise ValueError("tls_server_name needs TLS (tls=True or tls_ca)")
+        options = (("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()
+        if api_key and not all(0x21 <= ord(c) <= 0x7E for c in api_key):
+            raise ValueError("api_key must be printable ASCII without spaces")
+        metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        return cls(credentials, options, metadata)
+
+    def channel(self, target: str) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(target, options=self.options)
+        return grpc.secure_channel(target, self.credentials, options=self.options)
+
+    def aio_channel(self, target: str) -> grpc.aio.Channel:
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(target, options=self.options)
+        return grpc.aio.secure_channel(target, self.credentials, options=self.options)
+
+
 class _Window:
     """Blocks the request side while `size` final segments await their translation."""
 
@@ -267,12 +332,26 @@ def generate_request(
 
 
 class Client:
-    """Blocking client. `timeout` (seconds) is the deadline of each call."""
+    """Blocking client. `timeout` (seconds) is the deadline of each call; the other
+    arguments are described under "Security" in the module's docstring."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = None,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        settings = ChannelSettings.build(api_key, tls, tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channel = settings.channel(target)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._timeout = timeout
+        self._metadata = settings.metadata
 
     def chat(
         self,
@@ -291,7 +370,9 @@ class Client:
     def close_session(self, session_id: str) -> bool:
         """Drops a chat session; False if the gateway did not hold it."""
         request = inference_pb2.CloseSessionRequest(session_id=session_id)
-        return self._stub.CloseSession(request, timeout=self._timeout).found
+        return self._stub.CloseSession(
+            request, timeout=self._timeout, metadata=self._metadata
+        ).found
 
     def translate_live(
         self,
@@ -309,7 +390,7 @@ class Client:
         first = live_config_request(source, target, model, context_segments, **sampling)
         window = _Window(max_in_flight)
         requests = live_requests(first, segments, window)
-        call = self._stub.TranslateLive(requests, timeout=self._timeout)
+        call = self._stub.TranslateLive(requests, timeout=self._timeout, metadata=self._metadata)
         try:
             for msg in call:
                 chunk = segment_chunk_from_proto(msg)
@@ -332,11 +413,12 @@ class Client:
         return self._stream(self._stub.Generate, generate_request(prompt, model, **sampling))
 
     def list_models(self) -> list[ModelInfo]:
-        response = self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=self._timeout)
+        request = inference_pb2.ListModelsRequest()
+        response = self._stub.ListModels(request, timeout=self._timeout, metadata=self._metadata)
         return [_model_info(m) for m in response.models]
 
     def _stream(self, method: Any, request: Any) -> Iterator[Chunk]:
-        call = method(request, timeout=self._timeout)
+        call = method(request, timeout=self._timeout, metadata=self._metadata)
         try:
             for msg in call:
                 yield chunk_from_proto(msg)
@@ -354,12 +436,25 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client; methods mirror `Client`, returning async iterators."""
+    """asyncio client; arguments and methods mirror `Client`, returning async iterators."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = None,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        settings = ChannelSettings.build(api_key, tls, tls_ca, tls_cert, tls_key, tls_server_name)
+        self._channel = settings.aio_channel(target)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._timeout = timeout
+        self._metadata = settings.metadata
 
     def chat(
         self,
@@ -375,7 +470,9 @@ class AsyncClient:
 
     async def close_session(self, session_id: str) -> bool:
         request = inference_pb2.CloseSessionRequest(session_id=session_id)
-        return (await self._stub.CloseSession(request, timeout=self._timeout)).found
+        return (
+            await self._stub.CloseSession(request, timeout=self._timeout, metadata=self._metadata)
+        ).found
 
     async def translate_live(
         self,
@@ -391,7 +488,7 @@ class AsyncClient:
         first = live_config_request(source, target, model, context_segments, **sampling)
         slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         requests = live_requests_async(first, segments, slots)
-        call = self._stub.TranslateLive(requests, timeout=self._timeout)
+        call = self._stub.TranslateLive(requests, timeout=self._timeout, metadata=self._metadata)
         try:
             async for msg in call:
                 chunk = segment_chunk_from_proto(msg)
@@ -414,11 +511,13 @@ class AsyncClient:
 
     async def list_models(self) -> list[ModelInfo]:
         request = inference_pb2.ListModelsRequest()
-        response = await self._stub.ListModels(request, timeout=self._timeout)
+        response = await self._stub.ListModels(
+            request, timeout=self._timeout, metadata=self._metadata
+        )
         return [_model_info(m) for m in response.models]
 
     async def _stream(self, method: Any, request: Any) -> AsyncIterator[Chunk]:
-        call = method(request, timeout=self._timeout)
+        call = method(request, timeout=self._timeout, metadata=self._metadata)
         try:
             async for msg in call:
                 yield chunk_from_proto(msg)

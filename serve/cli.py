@@ -12,11 +12,15 @@ import logging
 import sys
 
 from serve.config import (
+    CLUSTER_SECRET_ENV,
+    TP_TRANSPORTS,
     EngineConfig,
     GatewayConfig,
     LiveTranslateConfig,
     SessionConfig,
     ShardConfig,
+    TLSClientConfig,
+    TLSServerConfig,
     TPConfig,
     env_float,
     env_int,
@@ -26,6 +30,9 @@ from serve.config import (
 
 logger = logging.getLogger(__name__)
 
+# Replica roles (serve.shard.servicer.ROLES; kept here so the CLI needs no grpc import).
+ROLES = ("both", "prefill", "decode")
+
 # `shardwire bench NAME` runs serve.bench.<module>.main(argv).
 BENCHMARKS = {
     "serve": "serve",
@@ -33,6 +40,8 @@ BENCHMARKS = {
     "comm": "comm",
     "tp": "tp",
     "realtime": "realtime",
+    "kv": "kv",
+    "soak": "soak",
 }
 
 
@@ -81,6 +90,13 @@ def _add_comm_args(p: argparse.ArgumentParser) -> None:
         help=f"cut steps of >= {d.overlap_min_tokens} tokens into this many micro-chunks whose"
         " all-reduces overlap the next chunk's compute, when those are bound by the link"
         " (1: off; gloo only)",
+    )
+    p.add_argument(
+        "--tp-transport",
+        default=env_str("SHARDWIRE_TP_TRANSPORT", d.transport),
+        choices=TP_TRANSPORTS,
+        help="small exchanges between TP ranks: shm (shared memory, one host), socket (direct"
+        " TCP), gloo, or auto (shm when --master-addr is a loopback address, else socket)",
     )
     p.add_argument(
         "--tp-timeout",
@@ -172,6 +188,141 @@ def _session_configs(a: argparse.Namespace) -> tuple[SessionConfig, LiveTranslat
     return sessions, live
 
 
+def _add_overload_args(p: argparse.ArgumentParser) -> None:
+    """Gateway caps past which new calls get RESOURCE_EXHAUSTED with a retry-after hint."""
+    d = GatewayConfig()
+    p.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=env_int("SHARDWIRE_MAX_CONCURRENT_STREAMS", d.max_concurrent_streams),
+        help="inference streams the gateway serves at once (0: no cap)",
+    )
+    p.add_argument(
+        "--max-queued-prompt-tokens",
+        type=int,
+        default=env_int("SHARDWIRE_MAX_QUEUED_PROMPT_TOKENS", d.max_queued_prompt_tokens),
+        help="prompt tokens admitted and still waiting for their first token (0: no cap)",
+    )
+
+
+def _add_api_key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept clients sending `authorization: Bearer KEY` (repeatable; visible in ps: "
+        "prefer --api-key-file); with no key every client is accepted",
+    )
+    p.add_argument(
+        "--api-key-file",
+        default=env_str("SHARDWIRE_API_KEY_FILE", ""),
+        metavar="PATH",
+        help="file of accepted API keys, one per line (# comments)",
+    )
+
+
+def _add_cluster_secret_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cluster-secret",
+        default="",
+        metavar="SECRET",
+        help="secret shared by the gateway and its replica leaders, sent with every internal "
+        f"call (visible in ps: prefer --cluster-secret-file or ${CLUSTER_SECRET_ENV})",
+    )
+    p.add_argument(
+        "--cluster-secret-file", default="", metavar="PATH", help="file holding the cluster secret"
+    )
+
+
+def _add_tls_args(p: argparse.ArgumentParser, port: str) -> None:
+    p.add_argument("--tls-cert", default="", metavar="PEM", help=f"serve TLS on {port}")
+    p.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        default="",
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+
+
+def _add_replica_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--replica-tls-ca",
+        default="",
+        metavar="PEM",
+        help="reach the replicas over TLS, trusting this CA for their certificates",
+    )
+    p.add_argument(
+        "--replica-tls-cert",
+        default="",
+        metavar="PEM",
+        help="client certificate for replicas that require mutual TLS",
+    )
+    p.add_argument("--replica-tls-key", default="", metavar="PEM", help="its private key")
+    p.add_argument(
+        "--replica-tls-server-name",
+        default="",
+        metavar="NAME",
+        help="name the replicas' certificates carry, if not the host of their address",
+    )
+
+
+def _api_keys(a: argparse.Namespace) -> tuple[str, ...]:
+    from serve.gateway.auth import check_token, read_key_file
+
+    try:
+        keys = [check_token(k, "--api-key") for k in a.api_key]
+        if a.api_key_file:
+            keys.extend(read_key_file(a.api_key_file))
+    except (OSError, ValueError) as exc:
+        a.parser.error(str(exc))
+    return tuple(keys)
+
+
+def _cluster_secret(a: argparse.Namespace) -> str:
+    """--cluster-secret, --cluster-secret-file or $SHARDWIRE_CLUSTER_SECRET ('' if none)."""
+    from serve.gateway.auth import check_token, read_secret_file
+
+    if a.cluster_secret and a.cluster_secret_file:
+        a.parser.error("give --cluster-secret or --cluster-secret-file, not both")
+    try:
+        if a.cluster_secret_file:
+            return read_secret_file(a.cluster_secret_file)
+        secret = a.cluster_secret or env_str(CLUSTER_SECRET_ENV, "")
+        return check_token(secret, "the cluster secret") if secret else ""
+    except (OSError, ValueError) as exc:
+        a.parser.error(str(exc))
+    return ""
+
+
+def _tls_server(a: argparse.Namespace) -> TLSServerConfig:
+    from serve.gateway.tls import server_credentials
+
+    tls = TLSServerConfig(cert_file=a.tls_cert, key_file=a.tls_key, client_ca_file=a.tls_client_ca)
+    try:
+        server_credentials(tls)  # unreadable or missing files fail here, not after start-up
+    except ValueError as exc:
+        a.parser.error(str(exc))
+    return tls
+
+
+def _replica_tls(a: argparse.Namespace) -> TLSClientConfig:
+    from serve.gateway.tls import channel_credentials
+
+    tls = TLSClientConfig(
+        ca_file=a.replica_tls_ca,
+        cert_file=a.replica_tls_cert,
+        key_file=a.replica_tls_key,
+        server_name=a.replica_tls_server_name,
+    )
+    try:
+        channel_credentials(tls)
+    except ValueError as exc:
+        a.parser.error(f"replica TLS: {exc}")
+    return tls
+
+
 def _add_metrics_arg(p: argparse.ArgumentParser, whose: str) -> None:
     p.add_argument(
         "--metrics-port",
@@ -195,6 +346,7 @@ def _tp_config(
         comm_accuracy=a.comm_accuracy,
         comm_zstd_level=a.comm_zstd_level,
         overlap_chunks=a.tp_overlap_chunks,
+        transport=a.tp_transport,
     )
 
 
@@ -230,8 +382,35 @@ def _cmd_up(a: argparse.Namespace) -> int:
         restart=RestartPolicy(enabled=not a.no_restart),
         sessions=_session_configs(a)[0],
         live=_session_configs(a)[1],
+        max_concurrent_streams=a.max_concurrent_streams,
+        max_queued_prompt_tokens=a.max_queued_prompt_tokens,
+        bind_host=a.bind_host,
+        api_keys=_api_keys(a),
+        tls=_tls_server(a),
+        cluster_secret=_cluster_secret(a),
+        tp_socket_ifname=env_str("GLOO_SOCKET_IFNAME", ""),
+        roles=_roles(a),
+        kv_codec=a.kv_codec,
     )
     return asyncio.run(run_up(cfg, demo=a.demo))
+
+
+def _roles(a: argparse.Namespace) -> tuple[str, ...]:
+    """--roles prefill,decode: one role per replica, the rest both."""
+    roles = tuple(r.strip() for r in a.roles.split(",") if r.strip())
+    bad = [r for r in roles if r not in ROLES]
+    if bad or len(roles) > a.replicas:
+        a.parser.error(f"--roles takes up to --replicas of {', '.join(ROLES)}; got {a.roles!r}")
+    return roles
+
+
+def _add_kv_codec_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-codec",
+        default=env_str("SHARDWIRE_KV_CODEC", GatewayConfig().kv_codec),
+        help="KV codec of live migration, prefill hand-overs and prefix fetches: none, "
+        "lossless, int8[+zstd], int4[+zstd] (lossy codecs trade exactness for bytes)",
+    )
 
 
 def _exit_with_launcher(launcher_pid: int) -> None:
@@ -266,6 +445,10 @@ def _cmd_shard(a: argparse.Namespace) -> int:
         tp=tp,
         metrics_port=a.metrics_port,
         drain_timeout_s=a.drain_timeout,
+        cluster_secret=_cluster_secret(a),
+        tls=_tls_server(a),
+        role=a.role,
+        prefix_fetch=a.prefix_fetch,
     )
     if tp.rank > 0:
         import os
@@ -311,6 +494,13 @@ def _cmd_gateway(a: argparse.Namespace) -> int:
         drain_timeout_s=a.drain_timeout,
         sessions=_session_configs(a)[0],
         live=_session_configs(a)[1],
+        max_concurrent_streams=a.max_concurrent_streams,
+        max_queued_prompt_tokens=a.max_queued_prompt_tokens,
+        api_keys=_api_keys(a),
+        tls=_tls_server(a),
+        cluster_secret=_cluster_secret(a),
+        replica_tls=_replica_tls(a),
+        kv_codec=a.kv_codec,
     )
     asyncio.run(run_gateway(cfg))
     return 0
@@ -339,10 +529,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start replicas and the gateway on loopback")
     _add_engine_args(up)
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", default="127.0.0.1", help="interface the gateway binds to")
     up.add_argument("--port", type=int, default=50051)
+    up.add_argument(
+        "--bind-host",
+        default="127.0.0.1",
+        help="interface the replicas' internal ports (Shard API, TP rendezvous and gloo, "
+        "/metrics) bind to",
+    )
     up.add_argument("--replicas", type=int, default=1)
     up.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    up.add_argument(
+        "--roles",
+        default="",
+        help="role of each replica, comma separated (prefill, decode, both; default both): "
+        "prefill replicas hand requests to decode replicas after the first token",
+    )
+    _add_kv_codec_arg(up)
     _add_comm_args(up)
     _add_drain_arg(up, "streams in flight")
     up.add_argument(
@@ -353,11 +556,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="stream a demo chat and translation")
     _add_metrics_arg(up, "the gateway's; each replica leader gets a free port (-1: all off)")
     _add_session_args(up)
-    up.set_defaults(func=_cmd_up)
+    _add_overload_args(up)
+    _add_api_key_args(up)
+    _add_tls_args(up, "the gateway's port")
+    _add_cluster_secret_args(up)
+    up.set_defaults(func=_cmd_up, parser=up)
 
     shard = sub.add_parser("shard", help="run one replica leader (Shard service)")
     _add_engine_args(shard)
-    shard.add_argument("--host", default="127.0.0.1")
+    shard.add_argument(
+        "--host",
+        "--bind-host",
+        dest="host",
+        default="127.0.0.1",
+        help="interface the Shard API and /metrics bind to",
+    )
     shard.add_argument("--port", type=int, default=50061, help="Shard API port (rank 0)")
     # torchrun-style variables give the defaults, so one command line serves every rank.
     shard.add_argument("--tp-size", type=int, default=env_int("WORLD_SIZE", 1))
@@ -367,8 +580,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_comm_args(shard)
     _add_drain_arg(shard, "the leader's requests in flight")
     shard.add_argument("--launcher-pid", type=int, default=0, help=argparse.SUPPRESS)
+    shard.add_argument(
+        "--role",
+        default=env_str("SHARDWIRE_ROLE", "both"),
+        choices=ROLES,
+        help="what gateways send here: both, prefill (new prompts, handed over to a decode "
+        "replica after the first token) or decode (hand-overs)",
+    )
+    shard.add_argument(
+        "--prefix-fetch",
+        default="auto",
+        choices=("auto", "always", "never"),
+        help="fetch a dialogue's cached prefix from the replica that served its last turn: "
+        "auto (when the link model predicts it faster than recomputing), always or never",
+    )
     _add_metrics_arg(shard, "the leader's (rank 0)")
-    shard.set_defaults(func=_cmd_shard)
+    _add_cluster_secret_args(shard)
+    _add_tls_args(shard, "the Shard API")
+    shard.set_defaults(func=_cmd_shard, parser=shard)
 
     gw = sub.add_parser("gateway", help="run the public gateway (Inference service)")
     gw.add_argument(
@@ -387,9 +616,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gw.add_argument("--max-tokens-limit", type=int, default=GatewayConfig().max_tokens_limit)
     gw.add_argument("--log-prompts", action="store_true", help="include prompt text in logs")
+    _add_kv_codec_arg(gw)
     _add_drain_arg(gw, "streams in flight")
     _add_metrics_arg(gw, "the gateway's")
     _add_session_args(gw)
+    _add_overload_args(gw)
+    _add_api_key_args(gw)
+    _add_tls_args(gw, "the gateway's port")
+    _add_cluster_secret_args(gw)
+    _add_replica_tls_args(gw)
     gw.set_defaults(func=_cmd_gateway, parser=gw)
 
     probe = sub.add_parser(

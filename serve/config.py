@@ -23,6 +23,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
 
 
+TP_TRANSPORTS = ("auto", "shm", "socket", "gloo")
+
+
 @dataclass(frozen=True)
 class TPConfig:
     """This process's place in its replica's tensor-parallel group."""
@@ -42,6 +45,57 @@ class TPConfig:
     # the link (1: off; gloo only).
     overlap_chunks: int = 2
     overlap_min_tokens: int = 256
+    # How small exchanges between ranks travel: shm (shared memory, every rank on
+    # this host), socket (direct TCP between ranks), gloo (gloo's own messages),
+    # or auto (shm when the group meets on a loopback address, else socket).
+    transport: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.transport not in TP_TRANSPORTS:
+            raise ValueError(f"TP transport must be one of {TP_TRANSPORTS}, got {self.transport!r}")
+
+    @property
+    def resolved_transport(self) -> str:
+        """shm, socket or gloo."""
+        if self.transport == "auto":
+            return "shm" if self.master_addr in ("127.0.0.1", "localhost", "::1") else "socket"
+        return self.transport
+
+
+# The cluster secret's environment variable: `shardwire up` hands its secret to the
+# replica processes it starts through it, so the secret stays off command lines.
+CLUSTER_SECRET_ENV = "SHARDWIRE_CLUSTER_SECRET"
+
+
+@dataclass(frozen=True)
+class TLSServerConfig:
+    """TLS of a gRPC server (PEM files); no certificate: plaintext."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    # With a client CA, a client must present a certificate it signed (mutual TLS).
+    client_ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class TLSClientConfig:
+    """TLS of a gRPC client (PEM files); on once a CA or a certificate is set."""
+
+    # CA the server's certificate must chain to; empty: the system's roots.
+    ca_file: str = ""
+    # Client certificate and key, for servers that require mutual TLS.
+    cert_file: str = ""
+    key_file: str = ""
+    # Name the server's certificate must carry, where it differs from the address's host.
+    server_name: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file or self.cert_file)
 
 
 @dataclass(frozen=True)
@@ -61,6 +115,16 @@ class ShardConfig:
     # On SIGTERM the leader reports NOT_SERVING, refuses new requests and lets those
     # running finish for at most this long.
     drain_timeout_s: float = 30.0
+    # The leader refuses calls (health aside) that lack this secret; empty: no check.
+    # `host` is the interface the Shard API and /metrics bind to (loopback by default).
+    cluster_secret: str = field(default="", repr=False)
+    tls: TLSServerConfig = field(default_factory=TLSServerConfig)
+    # What gateways send here: both (everything), prefill (new prompts, handed over
+    # to a decode replica after the first token) or decode (hand-overs).
+    role: str = "both"
+    # Fetch a dialogue prefix another replica holds: auto (when the link model
+    # predicts it faster than recomputing), always or never.
+    prefix_fetch: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -122,6 +186,22 @@ class GatewayConfig:
     drain_timeout_s: float = 30.0
     sessions: SessionConfig = field(default_factory=SessionConfig)
     live: LiveTranslateConfig = field(default_factory=LiveTranslateConfig)
+    # Keys clients send as `authorization: Bearer KEY`; empty: no check. Health and
+    # reflection answer without one.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    tls: TLSServerConfig = field(default_factory=TLSServerConfig)
+    # Sent to the replicas with every call (they refuse calls without it when they
+    # hold one), and the TLS of the links to them.
+    cluster_secret: str = field(default="", repr=False)
+    replica_tls: TLSClientConfig = field(default_factory=TLSClientConfig)
+    # KV codec of the moves this gateway orchestrates (live migration, hand-overs
+    # from prefill replicas, prefix fetches): none, lossless, int8[+zstd], int4[+zstd].
+    kv_codec: str = "lossless"
+    # Overload: inference streams in flight, and prompt tokens admitted but still
+    # waiting for their first token; past either, new calls get RESOURCE_EXHAUSTED
+    # at once with a retry-after-ms hint. 0: no cap.
+    max_concurrent_streams: int = 256
+    max_queued_prompt_tokens: int = 65536
 
 
 def env_int(name: str, default: int) -> int:

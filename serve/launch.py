@@ -4,16 +4,25 @@ Each replica is a child process running `shardwire shard` per TP rank; the gatew
 runs in this process once every replica reports SERVING. Children die with the
 parent. A supervisor restarts the whole TP group of a replica when any of its ranks
 exits (serve.supervisor); on SIGTERM the gateway drains, then the replicas stop.
+
+The replicas' internal ports (Shard API, TP rendezvous and gloo, /metrics) bind to
+`bind_host`, loopback by default. The gateway and the replica leaders share a
+cluster secret, random unless one is given; the children get it through their
+environment, never on a command line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
+import ipaddress
 import logging
 import os
+import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -23,11 +32,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serve.config import (
+    CLUSTER_SECRET_ENV,
     EngineConfig,
     GatewayConfig,
     LiveTranslateConfig,
     SessionConfig,
     ShardConfig,
+    TLSServerConfig,
     TPConfig,
 )
 from serve.errors import Unavailable
@@ -61,12 +72,64 @@ class LaunchConfig:
     # Gateway limits of chat sessions and TranslateLive streams.
     sessions: SessionConfig = field(default_factory=SessionConfig)
     live: LiveTranslateConfig = field(default_factory=LiveTranslateConfig)
+    # Gateway overload caps (0: none).
+    max_concurrent_streams: int = GatewayConfig.max_concurrent_streams
+    max_queued_prompt_tokens: int = GatewayConfig.max_queued_prompt_tokens
+    # Interface of the replicas' internal ports (the gateway binds `host`).
+    bind_host: str = "127.0.0.1"
+    # Gateway API keys (empty: none) and TLS of the gateway's port.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    tls: TLSServerConfig = field(default_factory=TLSServerConfig)
+    # Shared by the gateway and the replica leaders; empty: a random one per launch.
+    cluster_secret: str = field(default="", repr=False)
+    # Interface of the TP ranks' gloo sockets (GLOO_SOCKET_IFNAME); empty: bind_host's.
+    tp_socket_ifname: str = ""
+    # Role of each replica (both, prefill, decode); fewer than replicas: the rest "both".
+    roles: tuple[str, ...] = ()
+    # KV codec of the moves the gateway orchestrates.
+    kv_codec: str = "lossless"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host.strip("[]"), 0))
         return s.getsockname()[1]
+
+
+def local_address(bind_host: str) -> str:
+    """Where processes on this host reach a port bound to `bind_host`."""
+    if bind_host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind_host in ("::", "[::]"):
+        return "::1"
+    return bind_host
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface holding IPv4 `address` (any loopback address: the
+    loopback interface); None when none does or it cannot be told (not Linux)."""
+    try:
+        packed = socket.inet_aton(address)
+    except OSError:
+        return None
+    loopback = ipaddress.ip_address(address).is_loopback
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(s.fileno(), siocgifaddr, request)
+            except OSError:  # no IPv4 address on it
+                continue
+            found = reply[20:24]
+            if found == packed or (loopback and ipaddress.ip_address(found).is_loopback):
+                return name
+    return None
 
 
 def shard_argv(cfg: ShardConfig, log_level: str, log_format: str) -> list[str]:
@@ -120,10 +183,14 @@ def shard_argv(cfg: ShardConfig, log_level: str, log_format: str) -> list[str]:
         str(cfg.tp.comm_zstd_level),
         "--tp-overlap-chunks",
         str(cfg.tp.overlap_chunks),
+        "--tp-transport",
+        cfg.tp.transport,
         "--metrics-port",
         str(cfg.metrics_port),
         "--drain-timeout",
         str(cfg.drain_timeout_s),
+        "--role",
+        cfg.role,
         *([] if e.enable_prefix_caching else ["--no-prefix-caching"]),
     ]
 
@@ -157,6 +224,13 @@ class Deployment:
         self.replica_metrics_ports: list[int] = []
         self.gateway = None
         self.supervisor = Supervisor(self.groups, config.restart, config.start_timeout_s)
+        self.cluster_secret = config.cluster_secret or secrets.token_urlsafe(32)
+        # Where the gateway and the ranks reach the replicas' ports.
+        self.internal_host = local_address(config.bind_host)
+        self._child_env = {**os.environ, CLUSTER_SECRET_ENV: self.cluster_secret}
+        ifname = config.tp_socket_ifname or interface_of(self.internal_host)
+        if config.tp.size > 1 and ifname:
+            self._child_env["GLOO_SOCKET_IFNAME"] = ifname
 
     @property
     def procs(self) -> list[subprocess.Popen]:
@@ -167,17 +241,19 @@ class Deployment:
     def leaders(self) -> list[subprocess.Popen]:
         return [g.leader for g in self.groups]
 
-    def _spawn_group(self, port: int, metrics_port: int) -> list[subprocess.Popen]:
+    def _spawn_group(
+        self, port: int, metrics_port: int, role: str = "both"
+    ) -> list[subprocess.Popen]:
         """Starts the ranks of one replica; a TP group gets a fresh master port."""
         c = self.config
-        master_port = free_port(c.host) if c.tp.size > 1 else c.tp.master_port
+        master_port = free_port(c.bind_host) if c.tp.size > 1 else c.tp.master_port
         launcher = str(os.getpid())
         procs = []
         for rank in range(c.tp.size):
-            tp = replace(c.tp, rank=rank, master_addr=c.host, master_port=master_port)
+            tp = replace(c.tp, rank=rank, master_addr=self.internal_host, master_port=master_port)
             shard = ShardConfig(
                 model=c.model,
-                host=c.host,
+                host=c.bind_host,
                 port=port,
                 dtype=c.dtype,
                 seed=c.seed,
@@ -186,11 +262,12 @@ class Deployment:
                 tp=tp,
                 metrics_port=metrics_port if rank == 0 else -1,
                 drain_timeout_s=c.drain_timeout_s,
+                role=role,
             )
             # No preexec_fn: a plain (v)fork+exec is safe beside gRPC's threads, and the
             # child arms its own parent-death signal from --launcher-pid.
             argv = [*shard_argv(shard, c.log_level, c.log_format), "--launcher-pid", launcher]
-            procs.append(subprocess.Popen(argv))
+            procs.append(subprocess.Popen(argv, env=self._child_env))
         return procs
 
     async def start(self):  # -> GatewayServer
@@ -198,11 +275,12 @@ class Deployment:
 
         c = self.config
         for index in range(c.num_replicas):
-            port = free_port(c.host)
-            metrics_port = free_port(c.host) if c.metrics_port >= 0 else -1
+            port = free_port(c.bind_host)
+            metrics_port = free_port(c.bind_host) if c.metrics_port >= 0 else -1
             self.replica_metrics_ports.append(metrics_port)
-            target = f"{c.host}:{port}"
-            spawn = functools.partial(self._spawn_group, port, metrics_port)
+            target = _address(self.internal_host, port)
+            role = c.roles[index] if index < len(c.roles) else "both"
+            spawn = functools.partial(self._spawn_group, port, metrics_port, role)
             self.groups.append(ReplicaGroup(index, target, spawn))
             self.replica_targets.append(target)
         try:
@@ -216,6 +294,12 @@ class Deployment:
                 drain_timeout_s=c.drain_timeout_s,
                 sessions=c.sessions,
                 live=c.live,
+                max_concurrent_streams=c.max_concurrent_streams,
+                max_queued_prompt_tokens=c.max_queued_prompt_tokens,
+                api_keys=c.api_keys,
+                tls=c.tls,
+                cluster_secret=self.cluster_secret,
+                kv_codec=c.kv_codec,
             )
             self.gateway = await start_gateway(gw)
         except BaseException:
@@ -261,7 +345,7 @@ async def run_up(config: LaunchConfig, demo: bool = False) -> int:
     if gateway.metrics_port is not None:
         urls = [f"gateway http://{config.host}:{gateway.metrics_port}/metrics"]
         urls += [
-            f"replica {i} http://{config.host}:{port}/metrics"
+            f"replica {i} http://{_address(dep.internal_host, port)}/metrics"
             for i, port in enumerate(dep.replica_metrics_ports)
             if port >= 0
         ]
@@ -271,8 +355,11 @@ async def run_up(config: LaunchConfig, demo: bool = False) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        if demo:
-            await show_demo(target, random_weights=is_preset(config.model))
+        if demo and config.tls.enabled:
+            print("(no demo: the gateway serves TLS, which the demo client is not set up for)")
+        elif demo:
+            api_key = config.api_keys[0] if config.api_keys else None
+            await show_demo(target, random_weights=is_preset(config.model), api_key=api_key)
             print(
                 f'\nstill serving on {target}; try: shardwire chat --target {target} "hi"',
                 flush=True,
@@ -284,11 +371,11 @@ async def run_up(config: LaunchConfig, demo: bool = False) -> int:
     return 0
 
 
-async def show_demo(target: str, random_weights: bool) -> None:
+async def show_demo(target: str, random_weights: bool, api_key: str | None = None) -> None:
     """Streams one chat answer and one translation through the public API."""
     from clients.client import AsyncClient
 
-    async with AsyncClient(target) as client:
+    async with AsyncClient(target, api_key=api_key) as client:
         print("\n>>> chat: 'Hello! What can you do?'", flush=True)
         async for chunk in client.chat(
             "Hello! What can you do?", max_tokens=48, temperature=0.8, seed=1

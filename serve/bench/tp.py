@@ -57,6 +57,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--comm-accuracy", default="lossy", help="the policy of codec auto")
     p.add_argument("--comm-zstd-level", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (TP=1 too)")
+    p.add_argument(
+        "--tp-transport",
+        default="auto",
+        choices=("auto", "socket", "gloo"),
+        help="small exchanges of the serving runs' ranks (auto: direct TCP across the link)",
+    )
     # Accuracy (harness).
     p.add_argument("--prompts", type=int, default=20, help="accuracy prompts")
     p.add_argument("--prompt-len", type=int, default=64, help="accuracy prompt tokens")
@@ -282,7 +288,7 @@ def run_serving(
         tp = [
             "--tp-size", "2", "--master-addr", pair.addresses[0], "--master-port", str(port),
             "--comm-codec", codec, "--comm-accuracy", args.comm_accuracy,
-            "--comm-zstd-level", str(args.comm_zstd_level),
+            "--comm-zstd-level", str(args.comm_zstd_level), "--tp-transport", args.tp_transport,
         ]  # fmt: skip
         for rank in range(2):
             argv = [*cli, "shard", "--tp-rank", str(rank), *tp, *shard]
@@ -546,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     report["targets"] = targets(report)
     print(
         f"model={args.model} dtype={args.dtype} threads/rank={args.threads} "
+        f"tp-transport={args.tp_transport} "
         f"accuracy: {args.prompts} prompts x {args.max_tokens} tokens; "
         f"TTFT: {args.ttft_prompt_len}-token prompt; ITL: batch 1 and {args.batch}\n"
     )

@@ -92,6 +92,14 @@ class CommConfig:
     # of about this many raw bytes (at most MAX_PIPELINE_CHUNKS): chunk k+1 is
     # encoded while chunk k is on the wire and decoded as it lands. 0: off.
     pipeline_chunk_bytes: int = 256 * 1024
+    # How two ranks swap small messages: gloo; shm, shared memory between ranks
+    # on one host (serve.comm.shm, up to 256 KB); socket, direct TCP connections
+    # (serve.comm.sockets, up to 64 KB, listening on bind_host). gloo carries
+    # everything the direct paths do not.
+    transport: str = "gloo"
+    bind_host: str = ""
+    # How long a direct exchange may wait before the peer counts as gone.
+    timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.accuracy not in POLICIES:
@@ -104,6 +112,8 @@ class CommConfig:
         )
         if min(sizes) < 0:
             raise ValueError("comm message thresholds must be >= 0")
+        if self.transport not in ("gloo", "shm", "socket"):
+            raise ValueError(f"comm transport must be gloo, shm or socket, got {self.transport!r}")
 
 
 @dataclass
@@ -171,6 +181,13 @@ def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group: object | None)
     """Every rank's equal-sized inp, concatenated into out (one collective)."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, inp, group=group)
+
+
+def _checked_length(n: int, max_length: int | None, peer: int) -> int:
+    """A message length a peer announced, refused when negative or over the bound."""
+    if n < 0 or (max_length is not None and n > max_length):
+        raise ValueError(f"rank {peer} announced a {n}-byte message; at most {max_length} fit")
+    return n
 
 
 def _is_pow2(n: int) -> bool:
@@ -241,7 +258,7 @@ class Transport:
             mine = torch.tensor([send.numel()], dtype=torch.int64, device=self.device)
             theirs = torch.empty_like(mine)
             self.exchange(mine, theirs, peer)
-            length = int(theirs.item())
+            length = _checked_length(int(theirs.item()), max_length, peer)
         recv = torch.empty(length, dtype=torch.uint8, device=self.device)
         self.exchange(send, recv, peer)
         return recv
@@ -281,7 +298,10 @@ class Transport:
             theirs = self.exchange_bytes(buf, peer, known, max_length)
             return [buf, theirs] if rank == 0 else [theirs, buf]
         if lengths is None:
-            lengths = self.all_gather_lengths(buf.numel())
+            lengths = [
+                _checked_length(n, max_length, r)
+                for r, n in enumerate(self.all_gather_lengths(buf.numel()))
+            ]
         if _is_pow2(world):
             # Recursive doubling: at each step swap the whole block of
             # buffers held so far with the partner block's holder.
@@ -312,11 +332,15 @@ class Transport:
         return [out[r * width : r * width + lengths[r]] for r in range(world)]
 
     def all_to_all_bytes(
-        self, bufs: list[torch.Tensor | None], length: int | None = None
+        self,
+        bufs: list[torch.Tensor | None],
+        length: int | None = None,
+        max_length: int | None = None,
     ) -> list[torch.Tensor | None]:
         """Sends bufs[r] to rank r (bufs[self.rank] is None) and returns what
         each rank sent here (None at this rank's slot). length: the size of
-        every buffer coming here, when known; else the lengths go first."""
+        every buffer coming here, when known; else the lengths go first, and
+        one beyond max_length is refused before anything is allocated."""
         world, rank = self.world_size, self.rank
         peers = [r for r in range(world) if r != rank]
         incoming = dict.fromkeys(peers, length)
@@ -327,7 +351,7 @@ class Transport:
             }
             lens_in = {r: torch.empty(1, dtype=torch.int64, device=self.device) for r in peers}
             self._p2p([(lens_out[r], r) for r in peers], [(lens_in[r], r) for r in peers])
-            incoming = {r: int(lens_in[r].item()) for r in peers}
+            incoming = {r: _checked_length(int(lens_in[r].item()), max_length, r) for r in peers}
         got: list[torch.Tensor | None] = [None] * world
         for r in peers:
             got[r] = torch.empty(incoming[r], dtype=torch.uint8, device=self.device)  # type: ignore[arg-type]
@@ -365,6 +389,7 @@ class Communicator:
         config: CommConfig,
         pg: object | None = None,
         link: LinkModel | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a group of {world_size}")
@@ -384,7 +409,7 @@ class Communicator:
                 )
         elif config.codec != NONE:
             self._fixed = make_spec(config.codec, config.zstd_level)
-        self.transport = Transport(rank, world_size, pg)
+        self.transport = transport or Transport(rank, world_size, pg)
 
     @classmethod
     def start(
@@ -395,14 +420,31 @@ class Communicator:
         pg: object | None = None,
         dtype: torch.dtype = torch.bfloat16,
     ) -> Communicator:
-        """A Communicator for a freshly formed group; with codec auto it probes
-        the links and codecs first (collective: every rank must call it)."""
+        """A Communicator for a freshly formed group: with config.shm it maps the
+        other ranks' shared memory, with codec auto it probes the links and codecs
+        (collective: every rank must call it)."""
+        transport: Transport | None = None
+        if config.transport == "shm" and world_size > 1:
+            from serve.comm.shm import ShmTransport
+
+            transport = ShmTransport.connect(rank, world_size, pg, timeout_s=config.timeout_s)
+        elif config.transport == "socket" and world_size > 1:
+            from serve.comm.sockets import SocketTransport
+
+            transport = SocketTransport.connect(
+                rank, world_size, pg, bind_host=config.bind_host, timeout_s=config.timeout_s
+            )
+        if transport is None and config.transport != "gloo" and world_size > 1:
+            logger.warning(
+                "TP rank %d: %s transport unavailable, using gloo", rank, config.transport
+            )
+        transport = transport or Transport(rank, world_size, pg)
         link = None
         if config.codec == AUTO and world_size > 1:
             from serve.comm.linkmodel import LinkModel
 
             link = LinkModel.probe(
-                Transport(rank, world_size, pg),
+                transport,
                 rank,
                 world_size,
                 dtype=dtype,
@@ -416,7 +458,7 @@ class Communicator:
                     config.accuracy,
                     link.decision_table(default_table_sizes(dtype)),
                 )
-        return cls(rank, world_size, config, pg, link)
+        return cls(rank, world_size, config, pg, link, transport)
 
     # -- codec choice ---------------------------------------------------------
 
@@ -634,9 +676,8 @@ class Communicator:
         ]
         mine = chunks[rank]
         fixed = not spec.has_zstd
-        got = self.transport.all_to_all_bytes(
-            out_bufs, max_encoded_nbytes(mine.numel(), x.dtype, spec) if fixed else None
-        )
+        bound = max_encoded_nbytes(mine.numel(), x.dtype, spec)
+        got = self.transport.all_to_all_bytes(out_bufs, bound if fixed else None, max_length=bound)
         vals = [
             mine if r == rank else decode_from_uint8(got[r], x.dtype, mine.shape, spec)  # type: ignore[arg-type]
             for r in range(world)
@@ -647,7 +688,8 @@ class Communicator:
             reduced = tree_sum([v.float() for v in vals]).to(x.dtype)
         coded = encode_to_uint8(reduced, spec)
         lengths = [max_encoded_nbytes(c.numel(), x.dtype, spec) for c in chunks] if fixed else None
-        parts = self.transport.all_gather_bytes(coded, lengths)
+        bound = max(max_encoded_nbytes(c.numel(), x.dtype, spec) for c in chunks)
+        parts = self.transport.all_gather_bytes(coded, lengths, max_length=bound)
         pieces = []
         for r, p in enumerate(parts):
             if r == rank and spec.is_exact:

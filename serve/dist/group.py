@@ -7,7 +7,10 @@ so one device runs exactly the code that N ranks run.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +20,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from serve.dist.plan import HEADER_LEN, StepPlan, check_header, pack, unpack
+from serve.dist.plan import HEADER_LEN, PlanLimits, StepPlan, check_header, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -117,16 +120,67 @@ def init_process_group(
     """Joins the TP group: gloo on CPU, NCCL when CUDA is present. The timeout
     bounds every collective, so a dead or hung rank is noticed in seconds."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
+        store=rendezvous_store(rank, size, master_addr, master_port, timeout),
         rank=rank,
         world_size=size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     logger.info(
         "rank %d/%d joined the %s group at %s:%d", rank, size, backend, master_addr, master_port
     )
+
+
+def rendezvous_store(
+    rank: int, size: int, master_addr: str, master_port: int, timeout: timedelta
+) -> dist.TCPStore:
+    """The group's rendezvous store. Rank 0 hosts it on a socket bound to
+    master_addr when that is an IP address of this host (torch's own listener
+    takes every interface); a host name, or an address that is not this host's
+    (NAT, a proxy), leaves it on every interface, since a name may resolve to
+    another of this host's addresses than the one the other ranks reach."""
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, size, False, timeout=timeout)
+    host = _ip_literal(master_addr)
+    try:
+        listener = _listen(host, master_port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRNOTAVAIL:
+            raise
+        logger.warning(
+            "%s is not an address of this host; the TP rendezvous listens on every interface",
+            master_addr,
+        )
+        listener = _listen("", master_port)
+    fd = listener.detach()  # the store owns the socket from here
+    return dist.TCPStore(master_addr, master_port, size, True, timeout=timeout, master_listen_fd=fd)
+
+
+def _ip_literal(host: str) -> str:
+    """host when it is an IP address ('localhost': 127.0.0.1), else '' (every interface)."""
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return ""
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 PLAN_STEP, PLAN_HEARTBEAT, PLAN_STOP = 0, 1, 2
@@ -143,6 +197,9 @@ class PlanChannel:
         self.size = size
         self.heartbeat_s = heartbeat_s
         self._last_sent = time.monotonic()
+        # Set on the receiving ranks once their model and KV pool exist: plans are
+        # checked against them.
+        self.limits: PlanLimits | None = None
 
     def _send(self, t: torch.Tensor) -> None:
         if self.size == 2:
@@ -178,5 +235,5 @@ class PlanChannel:
         if kind != PLAN_STEP:
             return kind, None
         header = msg[1:]
-        payload = self._recv(torch.empty(check_header(header), dtype=torch.long))
-        return kind, unpack(header, payload)
+        payload = self._recv(torch.empty(check_header(header, self.limits), dtype=torch.long))
+        return kind, unpack(header, payload, self.limits)

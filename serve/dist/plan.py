@@ -2,10 +2,27 @@
 
 The leader packs a plan into one int64 tensor (a fixed header, then the
 fields back to back) and the other ranks unpack it; nothing is pickled.
+
+Header (int64 each): version, num_tokens t, decode tokens nd, decode table width w,
+prefill chunks np, sampled rows ns, block size, payload length. Payload, in order:
+input ids [t], positions [t], slot mapping [t], decode block tables [nd * w],
+decode context lengths [nd], per prefill chunk (start, tokens, context length,
+table length) [np * 4], the prefill block tables back to back, sample indices [ns].
+
+A receiving rank refuses (`PlanError`) before allocating anything sized by the
+header: counts out of range, a payload length that does not match the fields, and
+sizes past fixed bounds; then, on the received payload, anything the forward pass
+would index with: decode tokens first and prefill chunks contiguous after them,
+context lengths that their block tables cannot hold, positions that do not follow
+from the context lengths, sample indices outside the step, and negative ids. With
+`PlanLimits` (the rank's own model and KV pool) token ids, block ids, slots and
+positions must also fall inside them, so a plan that passes runs without an
+indexing error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +35,25 @@ HEADER_LEN = 8
 # Bounds a receiving rank accepts (far above any real step).
 MAX_PLAN_TOKENS = 1 << 20
 MAX_PLAN_INTS = 1 << 26
+MAX_BLOCK_SIZE = 1 << 12
+MAX_BLOCKS_PER_SEQ = 1 << 20
+MAX_CONTEXT_LEN = 1 << 22
+# Decode attention gathers [num_decodes, longest context] keys and values.
+MAX_DECODE_GATHER = 1 << 26
+
+
+class PlanError(InvalidArgument):
+    """A step plan that is refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """What a receiving rank's own model and KV pool allow."""
+
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    max_model_len: int
 
 
 @dataclass
@@ -56,32 +92,53 @@ def pack(plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
     return header, payload
 
 
-def check_header(header: torch.Tensor) -> int:
+def _fixed_ints(t: int, nd: int, width: int, np_: int, ns: int) -> int:
+    """Payload ints of every field but the prefill block tables."""
+    return 3 * t + nd * width + nd + 4 * np_ + ns
+
+
+def check_header(header: torch.Tensor, limits: PlanLimits | None = None) -> int:
     """Validates a received header; returns the payload length to receive."""
-    version, num_tokens, nd, width, np_, ns, block_size, length = header.tolist()
+    if header.dtype != torch.long or header.shape != (HEADER_LEN,):
+        raise PlanError(f"step plan header must be {HEADER_LEN} int64, got {header.dtype}")
+    version, t, nd, width, np_, ns, block_size, length = header.tolist()
     if version != PLAN_VERSION:
-        raise InvalidArgument(f"step plan version {version}, expected {PLAN_VERSION}")
-    if not (
-        0 <= num_tokens <= MAX_PLAN_TOKENS and 0 <= nd <= num_tokens and 0 <= np_ <= num_tokens
-    ):
-        raise InvalidArgument("step plan header has impossible token counts")
-    if not (
-        0 <= ns <= num_tokens and width >= 0 and block_size > 0 and 0 <= length <= MAX_PLAN_INTS
-    ):
-        raise InvalidArgument("step plan header has impossible sizes")
+        raise PlanError(f"step plan version {version}, expected {PLAN_VERSION}")
+    if not (0 <= t <= MAX_PLAN_TOKENS and 0 <= nd <= t and 0 <= np_ <= t - nd and 0 <= ns <= t):
+        raise PlanError(
+            f"step plan header has impossible counts: {t} tokens, {nd} decodes, "
+            f"{np_} prefill chunks, {ns} samples"
+        )
+    if not (0 <= width <= MAX_BLOCKS_PER_SEQ and (width > 0 or nd == 0)):
+        raise PlanError(f"step plan decode table width {width} is impossible for {nd} decodes")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise PlanError(f"step plan block size {block_size} is out of range")
+    if limits is not None and block_size != limits.block_size:
+        raise PlanError(f"step plan block size {block_size}, this rank's is {limits.block_size}")
+    if nd * width > MAX_PLAN_INTS:
+        raise PlanError(f"step plan decode tables of {nd} x {width} are too large")
+    fixed = _fixed_ints(t, nd, width, np_, ns)
+    if not fixed <= length <= MAX_PLAN_INTS or length - fixed > np_ * MAX_BLOCKS_PER_SEQ:
+        raise PlanError(f"step plan payload of {length} ints does not fit its header")
     return length
 
 
-def unpack(header: torch.Tensor, payload: torch.Tensor) -> StepPlan:
-    _, t, nd, width, np_, ns, block_size, length = header.tolist()
+def unpack(
+    header: torch.Tensor, payload: torch.Tensor, limits: PlanLimits | None = None
+) -> StepPlan:
+    """The plan in a received (header, payload); PlanError if anything is off."""
+    length = check_header(header, limits)
+    _, t, nd, width, np_, ns, block_size, _ = header.tolist()
+    if payload.dtype != torch.long or payload.dim() != 1:
+        raise PlanError(f"step plan payload must be flat int64, got {payload.dtype}")
     if payload.numel() != length:
-        raise InvalidArgument(f"step plan payload has {payload.numel()} ints, header says {length}")
+        raise PlanError(f"step plan payload has {payload.numel()} ints, header says {length}")
     pos = 0
 
     def take(n: int) -> torch.Tensor:
         nonlocal pos
         if n < 0 or pos + n > length:
-            raise InvalidArgument("step plan payload is shorter than its fields")
+            raise PlanError("step plan payload is shorter than its fields")
         out = payload[pos : pos + n]
         pos += n
         return out
@@ -90,9 +147,74 @@ def unpack(header: torch.Tensor, payload: torch.Tensor) -> StepPlan:
     decode_tables = take(nd * width).view(nd, width)
     decode_lens = take(nd)
     info = take(np_ * 4).view(np_, 4).tolist()
-    chunks = [PrefillChunk(s, n, ctx, take(tl)) for s, n, ctx, tl in info]
+    chunks = [_prefill_chunk(i, row, take, block_size) for i, row in enumerate(info)]
     samples = take(ns)
     if pos != length:
-        raise InvalidArgument("step plan payload is longer than its fields")
+        raise PlanError("step plan payload is longer than its fields")
+    expected_start = nd
+    for i, chunk in enumerate(chunks):
+        if chunk.start != expected_start:
+            raise PlanError(f"prefill chunk {i} starts at {chunk.start}, expected {expected_start}")
+        expected_start += chunk.num_tokens
+    if expected_start != t:
+        raise PlanError(f"decodes and prefill chunks hold {expected_start} tokens, header says {t}")
+    _check_decodes(decode_lens, width, block_size)
+    _check_positions(positions, nd, decode_lens, chunks)
+    _check_range(samples, t, "sample indices")
+    _check_range(input_ids, MAX_PLAN_INTS if limits is None else limits.vocab_size, "token ids")
+    max_block = MAX_PLAN_INTS if limits is None else limits.num_blocks
+    _check_range(decode_tables, max_block, "decode block ids")
+    for i, chunk in enumerate(chunks):
+        _check_range(chunk.block_table, max_block, f"prefill chunk {i} block ids")
+    _check_range(slots, max_block * block_size, "slots")
+    if limits is not None:
+        _check_range(positions, limits.max_model_len, "positions")
     meta = AttentionMetadata(slots, nd, decode_tables, decode_lens, chunks, block_size)
     return StepPlan(input_ids, positions, meta, samples)
+
+
+def _prefill_chunk(
+    i: int, row: list[int], take: Callable[[int], torch.Tensor], block_size: int
+) -> PrefillChunk:
+    start, n, ctx, table_len = row
+    if not (n >= 1 and n <= ctx <= MAX_CONTEXT_LEN and 0 <= table_len <= MAX_BLOCKS_PER_SEQ):
+        raise PlanError(
+            f"prefill chunk {i} has impossible sizes: {n} tokens, context {ctx}, "
+            f"table of {table_len} blocks"
+        )
+    if ctx > table_len * block_size:
+        raise PlanError(
+            f"prefill chunk {i}: context of {ctx} tokens does not fit {table_len} blocks"
+        )
+    return PrefillChunk(start, n, ctx, take(table_len))
+
+
+def _check_decodes(lens: torch.Tensor, width: int, block_size: int) -> None:
+    if not lens.numel():
+        return
+    low, high = int(lens.min()), int(lens.max())
+    if low < 1 or high > min(width * block_size, MAX_CONTEXT_LEN):
+        raise PlanError(
+            f"decode context lengths in [{low}, {high}] do not fit tables of {width} blocks"
+        )
+    if lens.numel() * high > MAX_DECODE_GATHER:
+        raise PlanError(f"{lens.numel()} decodes of up to {high} tokens are too many")
+
+
+def _check_positions(
+    positions: torch.Tensor, nd: int, decode_lens: torch.Tensor, chunks: list[PrefillChunk]
+) -> None:
+    """Decode tokens sit at context length - 1, a prefill chunk's tokens are the
+    last `num_tokens` of its context."""
+    if nd and not torch.equal(positions[:nd], decode_lens - 1):
+        raise PlanError("decode positions do not match their context lengths")
+    for i, c in enumerate(chunks):
+        got = positions[c.start : c.start + c.num_tokens]
+        want = torch.arange(c.context_len - c.num_tokens, c.context_len, dtype=torch.long)
+        if not torch.equal(got, want):
+            raise PlanError(f"prefill chunk {i} positions do not match its context")
+
+
+def _check_range(values: torch.Tensor, end: int, what: str) -> None:
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= end):
+        raise PlanError(f"step plan {what} must be in [0, {end})")

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from serve.comm.collectives import CommConfig, Communicator
+from serve.comm.sockets import local_address
 from serve.config import ShardConfig
 from serve.dist.group import (
     PLAN_STEP,
@@ -17,6 +18,7 @@ from serve.dist.group import (
     PlanChannel,
     init_process_group,
 )
+from serve.dist.plan import PlanLimits
 from serve.engine.runner import ModelRunner, num_kv_blocks
 from serve.model.llama import LlamaForCausalLM
 from serve.model.loader import load_model
@@ -36,7 +38,12 @@ def load_rank(config: ShardConfig) -> tuple[LlamaForCausalLM, PlanChannel | None
         return model, None
     init_process_group(tp.rank, tp.size, tp.master_addr, tp.master_port, tp.timeout_s)
     comm_config = CommConfig(
-        codec=tp.comm_codec, accuracy=tp.comm_accuracy, zstd_level=tp.comm_zstd_level
+        codec=tp.comm_codec,
+        accuracy=tp.comm_accuracy,
+        zstd_level=tp.comm_zstd_level,
+        transport=tp.resolved_transport,
+        bind_host=local_address(tp.master_addr, tp.master_port),
+        timeout_s=tp.timeout_s,
     )
     group.comm = Communicator.start(tp.rank, tp.size, comm_config, dtype=model.dtype)
     # Measured on gloo (CPU) ranks only; NCCL keeps whole steps until measured.
@@ -79,7 +86,15 @@ def serve_worker(config: ShardConfig) -> int:
     model, channel = load_rank(config)
     if channel is None:
         raise ValueError("serve_worker needs a TP group of size > 1")
-    runner = ModelRunner(model, config.engine, num_kv_blocks(model, config.engine))
+    num_blocks = num_kv_blocks(model, config.engine)
+    runner = ModelRunner(model, config.engine, num_blocks)
+    max_positions = model.config.max_position_embeddings
+    channel.limits = PlanLimits(
+        vocab_size=model.config.vocab_size,
+        num_blocks=num_blocks,
+        block_size=config.engine.block_size,
+        max_model_len=min(config.engine.max_model_len or max_positions, max_positions),
+    )
     try:
         run_worker(runner, channel)
     finally:

@@ -68,21 +68,29 @@ class KVCacheManager:
         the prompt has logits to sample from."""
         if not self.enable_prefix_caching:
             return [], []
+        num_full = (request.num_tokens - 1) // self.block_size
+        blocks, keys = self.match_prefix(request.tokens(0, num_full * self.block_size))
+        self.num_query_tokens += request.num_tokens
+        self.num_hit_tokens += len(blocks) * self.block_size
+        return blocks, keys
+
+    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[bytes]]:
+        """Cached blocks holding the longest prefix of token_ids made of full blocks
+        (no statistics counted; nothing is held)."""
+        if not self.enable_prefix_caching:
+            return [], []
         bs = self.block_size
-        num_full = (request.num_tokens - 1) // bs
         blocks: list[int] = []
         keys: list[bytes] = []
         parent = b""
-        for i in range(num_full):
-            key = block_hash(parent, request.tokens(i * bs, (i + 1) * bs))
+        for i in range(len(token_ids) // bs):
+            key = block_hash(parent, token_ids[i * bs : (i + 1) * bs])
             block_id = self.cached.get(key)
             if block_id is None:
                 break
             blocks.append(block_id)
             keys.append(key)
             parent = key
-        self.num_query_tokens += request.num_tokens
-        self.num_hit_tokens += len(blocks) * bs
         return blocks, keys
 
     def allocate_slots(
@@ -128,8 +136,9 @@ class KVCacheManager:
         return block_id
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Registers the request's newly completed blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
+        """Registers the request's newly completed blocks in the prefix cache (not
+        when its KV came through a lossy codec)."""
+        if not self.enable_prefix_caching or not request.kv_exact:
             return
         keys = self.req_keys.setdefault(request.request_id, [])
         table = self.req_blocks.get(request.request_id, [])
@@ -148,7 +157,20 @@ class KVCacheManager:
         """Returns the request's blocks; the last blocks are reused first."""
         table = self.req_blocks.pop(request.request_id, [])
         self.req_keys.pop(request.request_id, None)
-        for block_id in reversed(table):
+        self.release(table)
+
+    def acquire(self, block_ids: list[int]) -> None:
+        """Holds blocks besides their owner (while their KV is read for a move): they
+        are not reused until released, even if the owner frees them."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_cnt == 0:
+                del self.free_queue[block_id]
+            block.ref_cnt += 1
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drops one reference to each block; the last ones listed are reused first."""
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_cnt -= 1
             if block.ref_cnt == 0:

@@ -26,6 +26,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # EOS or a stop token
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # cancelled by the client or the server
+    MIGRATED = "migrated"  # handed over to another replica, which goes on with it
 
 
 class RequestStatus(enum.Enum):
@@ -53,6 +54,9 @@ class Request:
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    # False once the request's KV came through a lossy codec: its blocks then stay
+    # out of the prefix cache, so no other request reuses approximate KV.
+    kv_exact: bool = True
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -80,6 +84,39 @@ class Request:
             return self.prompt_token_ids[start:stop]
         return (self.prompt_token_ids + self.output_token_ids)[start:stop]
 
+    def state(self) -> RequestState:
+        """What another replica needs to go on with this request (its KV aside)."""
+        return RequestState(
+            request_id=self.request_id,
+            prompt_token_ids=tuple(self.prompt_token_ids),
+            output_token_ids=tuple(self.output_token_ids),
+            sampling=self.sampling,
+            seed=self.seed,
+            num_computed_tokens=self.num_computed_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+            queue_s=max(0.0, (self.first_scheduled_time or self.arrival_time) - self.arrival_time),
+        )
+
+
+@dataclass(frozen=True)
+class RequestState:
+    """A request in flight, as it moves between replicas: its tokens so far, its
+    sampling (the seed and the number of outputs fix every later random draw) and
+    how many tokens have KV. The target continues exactly where the source stopped."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    seed: int
+    num_computed_tokens: int
+    num_cached_tokens: int = 0
+    queue_s: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
 
 @dataclass(frozen=True)
 class RequestOutput:
@@ -91,6 +128,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     queue_s: float = 0.0
+    # The request's output tokens so far, these included.
+    num_output_tokens: int = 0
 
     @property
     def finished(self) -> bool:

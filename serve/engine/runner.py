@@ -6,6 +6,7 @@ same forward, so the row- and vocab-parallel all-reduces meet."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from serve.dist.plan import StepPlan
 from serve.engine.request import Request
 from serve.engine.sampler import sample
 from serve.engine.scheduler import SchedulerOutput
-from serve.model.attention import AttentionMetadata, PrefillChunk
+from serve.model.attention import AttentionMetadata, PrefillChunk, write_kv
 from serve.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,28 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ModelRunnerOutput:
     sampled: dict[str, int]
+
+
+# (layer, first token, keys [n, kv_heads, head_dim], values [n, kv_heads, head_dim])
+KvSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class KvTap:
+    """Receives a request's keys and values layer by layer, right after each layer
+    of a step has written them (disaggregated prefill streams them out while the
+    next layers compute). Called on the engine thread with copies."""
+
+    sink: KvSink
+    # Per layer: tokens already handed to the sink.
+    num_sent: list[int]
+
+
+def kv_slots(block_table: list[int], start: int, stop: int, block_size: int) -> torch.Tensor:
+    """Cache slots of tokens [start, stop) of a sequence: [stop - start] int64."""
+    pos = torch.arange(start, stop)
+    table = torch.tensor(block_table, dtype=torch.long)
+    return table[pos // block_size] * block_size + pos % block_size
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
@@ -58,6 +81,56 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
         # Zeroed: padded attention reads unused slots (masked, but NaN * 0 is NaN).
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype) for _ in model.model.layers]
+        self.taps: dict[str, KvTap] = {}
+        # This step's tapped requests: (tap, block table, tokens with KV after the step).
+        self._step_taps: list[tuple[KvTap, list[int], int]] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    # -- KV in and out (see serve.shard.kv_transfer) ----------------------------------
+
+    def read_kv(
+        self, layer: int, block_table: list[int], start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values of tokens [start, stop): [n, kv_heads, head_dim]
+        each. Safe from any thread for tokens whose KV is written and whose blocks are
+        held (written KV never changes while its blocks are held)."""
+        cache = self.kv_caches[layer]  # [2, blocks, block_size, kv_heads, head_dim]
+        _, num_blocks, bs, heads, dim = cache.shape
+        slots = kv_slots(block_table, start, stop, bs)
+        kv = cache.view(2, num_blocks * bs, heads, dim)[:, slots]  # [2, n, kv_heads, head_dim]
+        return kv[0], kv[1]
+
+    def write_kv(
+        self, layer: int, block_table: list[int], start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Stores keys and values [n, kv_heads, head_dim] of tokens [start, start + n)
+        into blocks that no scheduled request reads yet (an import being staged)."""
+        cache = self.kv_caches[layer]
+        slots = kv_slots(block_table, start, start + k.shape[0], self.block_size)
+        write_kv(cache, k.to(cache.dtype), v.to(cache.dtype), slots)
+
+    def add_tap(self, request_id: str, sink: KvSink) -> None:
+        self.taps[request_id] = KvTap(sink, [0] * len(self.kv_caches))
+        if not self._hooks:
+            for index, layer in enumerate(self.model.model.layers):
+                self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
+
+    def remove_tap(self, request_id: str) -> None:
+        if self.taps.pop(request_id, None) is not None and not self.taps:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks.clear()
+
+    def _layer_hook(self, index: int) -> Callable[..., None]:
+        def after_layer(*_: object) -> None:
+            for tap, table, stop in self._step_taps:
+                start = tap.num_sent[index]
+                if stop > start:
+                    k, v = self.read_kv(index, table, start, stop)
+                    tap.sink(index, start, k, v)
+                    tap.num_sent[index] = stop
+
+        return after_layer
 
     def prepare(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepPlan:
         bs = self.block_size
@@ -117,7 +190,16 @@ class ModelRunner:
         plan = self.prepare(out, block_tables)
         if self.channel is not None:
             self.channel.send_plan(plan)
-        logits = self.run(plan)
+        if self.taps:
+            self._step_taps = [
+                (self.taps[r.request_id], block_tables[r.request_id], r.num_computed_tokens + n)
+                for r, n in [(r, 1) for r in out.decodes] + out.prefills
+                if r.request_id in self.taps
+            ]
+        try:
+            logits = self.run(plan)
+        finally:
+            self._step_taps = []
         reqs: list[Request] = list(out.decodes) + [
             r for r, n in out.prefills if r.num_computed_tokens + n == r.num_tokens
         ]

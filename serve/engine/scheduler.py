@@ -76,7 +76,9 @@ class Scheduler:
             cached_blocks, cached_keys = [], []
             if req.num_computed_tokens == 0:
                 cached_blocks, cached_keys = self.kv.find_cached_prefix(req)
-            num_cached = len(cached_blocks) * self.kv.block_size
+                num_cached = len(cached_blocks) * self.kv.block_size
+            else:  # KV imported from another replica already sits in its blocks
+                num_cached = req.num_computed_tokens
             n = min(req.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, n, cached_blocks, cached_keys):
                 break
@@ -154,6 +156,19 @@ class Scheduler:
                 self.waiting.remove(req)
         self.requests.pop(req.request_id, None)
 
+    def remove(self, request_id: str) -> Request | None:
+        """Takes a request out of scheduling, keeping its KV blocks (it is being
+        handed over); None if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(req)
+        return req
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Ends a request at once and frees its blocks; None if unknown."""
         req = self.requests.get(request_id)
@@ -174,4 +189,5 @@ class Scheduler:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens,
             queue_s=max(0.0, start - req.arrival_time),
+            num_output_tokens=req.num_output_tokens,
         )

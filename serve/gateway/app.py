@@ -14,15 +14,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.core import GaugeMetricFamily, Metric
-from shardwire.v1 import inference_pb2, inference_pb2_grpc
+from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2_grpc
 
 from serve.config import GatewayConfig
 from serve.errors import InvalidArgument
+from serve.gateway.admin import ADMIN_SERVICE, AdminServicer, check_kv_codec
 from serve.gateway.admission import Limits
+from serve.gateway.auth import api_key_interceptor
 from serve.gateway.drain import DrainGate
 from serve.gateway.interceptor import ErrorInterceptor
-from serve.gateway.router import Router
+from serve.gateway.migration import Migrator
+from serve.gateway.router import Router, replica_channels
 from serve.gateway.servicer import InferenceServicer
+from serve.gateway.tls import describe, server_credentials
 from serve.metrics import GatewayMetrics, MetricsServer, serve_metrics
 from serve.model.presets import is_preset
 from serve.model.tokenizer import Tokenizer
@@ -31,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 HEALTH_SERVICES = ("", INFERENCE_SERVICE)
+# Largest response message (a chunk of streamed text is far smaller).
+MAX_RESPONSE_BYTES = 4 << 20
 
 
 def load_tokenizer(model: str) -> Tokenizer:
@@ -136,6 +142,7 @@ class GatewayServer:
 async def start_gateway(config: GatewayConfig) -> GatewayServer:
     """Binds the port, then waits until a replica answers Status (Unavailable after
     config.startup_timeout_s)."""
+    credentials = server_credentials(config.tls)  # bad TLS files fail before anything starts
     tokenizer = await asyncio.to_thread(load_tokenizer, config.model)
     model_id = served_model_id(config)
     health_servicer = health.aio.HealthServicer()
@@ -151,12 +158,23 @@ async def start_gateway(config: GatewayConfig) -> GatewayServer:
         config.replicas,
         poll_interval_s=config.status_poll_interval_s,
         on_health_change=on_health_change,
+        open_channel=replica_channels(config.replica_tls, config.cluster_secret),
     )
+    router.kv_codec = check_kv_codec(config.kv_codec) or router.kv_codec
+    migrator = Migrator(router)
     drain_gate = DrainGate((f"/{INFERENCE_SERVICE}/",))
     server = grpc.aio.server(
-        interceptors=[drain_gate, ErrorInterceptor()],
+        # Auth first: a refused call learns nothing about drain or overload state.
+        interceptors=[
+            *([api_key_interceptor(config.api_keys)] if config.api_keys else []),
+            drain_gate,
+            ErrorInterceptor(),
+        ],
         options=[
+            # gRPC checks this against the decompressed size, and stops inflating a
+            # compressed message there: a small gzip bomb gets RESOURCE_EXHAUSTED.
             ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
@@ -173,11 +191,16 @@ async def start_gateway(config: GatewayConfig) -> GatewayServer:
         live=config.live,
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+    shard_pb2_grpc.add_AdminServicer_to_server(AdminServicer(migrator), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(_address(config.host, config.port))
+    address = _address(config.host, config.port)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     await on_health_change(False)
     await server.start()
     metrics_server = None
@@ -192,10 +215,14 @@ async def start_gateway(config: GatewayConfig) -> GatewayServer:
             metrics_server.close()
         raise
     logger.info(
-        "gateway listening on %s, model %s, replicas %s",
+        "gateway listening on %s (%s, %s), model %s, replicas %s (%s%s)",
         _address(config.host, port),
+        describe(config.tls),
+        f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API keys",
         model_id,
         ", ".join(config.replicas),
+        "TLS" if config.replica_tls.enabled else "plaintext",
+        ", cluster secret" if config.cluster_secret else "",
     )
     return GatewayServer(
         server, router, health_servicer, port, model_id, metrics, metrics_server, drain_gate

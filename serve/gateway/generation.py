@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,8 +21,9 @@ from serve.errors import (
 )
 from serve.gateway.admission import AdmittedRequest
 from serve.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from serve.gateway.migration import Flight
 from serve.gateway.record import RequestRecord
-from serve.gateway.router import ReplicaClient, Router
+from serve.gateway.router import FailoverCall, Lease, ReplicaClient, Router
 from serve.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -114,8 +116,12 @@ class Generation:
         *,
         record: RequestRecord,
         timeout_s: float | None,
+        session_id: str = "",
     ) -> AsyncIterator[OutputChunk]:
-        """Streams the request's output, counting tokens and clocks into `record`."""
+        """Streams the request's output, counting tokens and clocks into `record`.
+        The request may change replica on the way (failover before the first token,
+        hand-over after a prefill replica's first token, live migration): the client
+        sees one stream."""
         rid = admitted.request_id
         num_prompt = len(admitted.prompt_token_ids)
         max_tokens = admitted.sampling.max_tokens or 0
@@ -124,13 +130,18 @@ class Generation:
         detokenizer = IncrementalDetokenizer(self._tokenizer)
         stops = StopStringMatcher(admitted.sampling.stop)
         record.admitted(replica.address, num_prompt)
+        flight = Flight(rid, replica)
+        self._plan_kv(request, replica, flight, session_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         call = replica.generate(request, timeout_s)
+        flight.call = call
         logger.debug("[%s] sent to %s: %d prompt tokens", rid, replica.address, num_prompt)
-        with self._router.track(replica, num_prompt + max_tokens) as lease:
+        with (
+            self._router.track(replica, num_prompt + max_tokens) as lease,
+            self._router.track_flight(flight),
+        ):
             try:
-                async for msg in call:
-                    record.replica = call.replica.address  # moves on failover
-                    ids = tuple(msg.token_ids)
+                async for msg, ids in _upstream(call, flight, lease, record, deadline):
                     if ids and record.first_token_at is None:
                         lease.consume(num_prompt)
                     lease.consume(len(ids))
@@ -146,7 +157,7 @@ class Generation:
                         text += detokenizer.flush()
                     text = stops.push(text)
                     if stops.is_stopped:
-                        call.cancel()  # aborts the request on the replica, freeing its KV
+                        flight.cancel()  # aborts the request on the replica, freeing its KV
                         yield _finished(record, text, ids, FinishReason.STOP)
                         return
                     if finish is not None:
@@ -158,9 +169,94 @@ class Generation:
                 text = stops.push(detokenizer.flush()) + stops.flush()
                 yield _finished(record, text, (), FinishReason.ABORT)
             except grpc.aio.AioRpcError as err:
-                raise _replica_error(err, replica, rid) from err
+                raise _replica_error(err, flight.replica, rid) from err
             finally:
-                call.cancel()
+                flight.cancel()
+                flight.forget_handover()
+
+    def _plan_kv(
+        self,
+        request: shard_pb2.ShardGenerateRequest,
+        replica: ReplicaClient,
+        flight: Flight,
+        session_id: str,
+    ) -> None:
+        """KV moves the request starts with: a prefill replica hands it over to a
+        decode replica after its first token; a replica without the session's
+        dialogue prefix may fetch it from the one that served the last turn."""
+        router = self._router
+        request.kv_codec = router.kv_codec
+        if replica.status is not None and replica.status.role == "prefill":
+            target = router.decode_target({replica.address})
+            if target is not None:
+                request.handoff_target = target.address
+                flight.expect_handover(target)
+        bound = router.replica(router.bound_replica(session_id))
+        if bound is not None and bound is not replica and bound.is_healthy:
+            request.prefix_source = bound.address  # cordoned replicas still answer
+
+
+async def _upstream(
+    call: FailoverCall,
+    flight: Flight,
+    lease: Lease,
+    record: RequestRecord,
+    deadline: float | None,
+) -> AsyncIterator[tuple[shard_pb2.ShardGenerateChunk, tuple[int, ...]]]:
+    """The replica stream of one request, with its new token ids; on a hand-over
+    (`migrated`) it continues with `Shard.Resume` on the target. Token ids are
+    deduplicated by their index (chunks count the request's output tokens)."""
+    rid = flight.request_id
+    stream: FailoverCall | grpc.aio.UnaryStreamCall = call
+    resumed_at: float | None = None
+    while True:
+        migrated = False
+        async for msg in stream:
+            if isinstance(stream, FailoverCall):
+                flight.replica = stream.replica  # moves on failover
+            record.replica = flight.replica.address
+            ids = _fresh_ids(msg, flight)
+            if ids:
+                now = time.monotonic()
+                if resumed_at is not None and flight.last_token_at is not None:
+                    pause = now - flight.last_token_at
+                    flight.pauses_s.append(pause)
+                    logger.info(
+                        "[%s] resumed on %s: %.1f ms from the last token on the source "
+                        "(%.1f ms waiting for Resume)",
+                        rid,
+                        flight.replica.address,
+                        pause * 1e3,
+                        (now - resumed_at) * 1e3,
+                    )
+                    resumed_at = None
+                flight.last_token_at = now
+            migrated = migrated or msg.migrated
+            yield msg, ids
+        if not migrated:
+            return
+        target = await flight.handover_target()
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        stream = target.resume(rid, remaining)
+        flight.call = stream
+        resumed_at = time.monotonic()
+        lease.move_to(target)
+        flight.replica = target
+        record.replica = target.address
+
+
+def _fresh_ids(msg: shard_pb2.ShardGenerateChunk, flight: Flight) -> tuple[int, ...]:
+    """The chunk's token ids the client has not had yet."""
+    ids = tuple(msg.token_ids)
+    if msg.num_output_tokens:
+        first = msg.num_output_tokens - len(ids)
+        if first > flight.num_delivered:
+            raise Unavailable(
+                f"tokens {flight.num_delivered}..{first} of the request were lost on the way"
+            )
+        ids = ids[flight.num_delivered - first :]
+    flight.num_delivered += len(ids)
+    return ids
 
 
 def _finished(

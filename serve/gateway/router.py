@@ -21,16 +21,25 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardwire.v1 import shard_pb2, shard_pb2_grpc
 
+from serve.config import TLSClientConfig
 from serve.errors import Unavailable
+from serve.gateway.auth import secret_metadata
+from serve.gateway.tls import channel_credentials, channel_options
+
+if TYPE_CHECKING:
+    from serve.gateway.migration import Flight
 
 logger = logging.getLogger(__name__)
 
 HealthListener = Callable[[bool], Awaitable[None]]
+# Opens the channel to the replica at an address.
+ChannelFactory = Callable[[str], grpc.aio.Channel]
 # Sessions whose replica the router remembers for affinity.
 MAX_AFFINITY_SESSIONS = 65536
 
@@ -41,6 +50,24 @@ CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
+
+
+def replica_channels(
+    tls: TLSClientConfig | None = None, cluster_secret: str = ""
+) -> ChannelFactory:
+    """Channels to replicas: TLS when `tls` is on (plaintext otherwise), and the
+    cluster secret on every call when one is set."""
+    tls = tls or TLSClientConfig()
+    credentials = channel_credentials(tls)
+    options = [*CHANNEL_OPTIONS, *channel_options(tls)]
+    interceptors = secret_metadata(cluster_secret) if cluster_secret else None
+
+    def open_channel(address: str) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options, interceptors=interceptors)
+        return grpc.aio.secure_channel(address, credentials, options, interceptors=interceptors)
+
+    return open_channel
 
 
 @dataclass(frozen=True)
@@ -57,6 +84,9 @@ class ReplicaStatus:
     kv_blocks_total: int
     num_running: int
     num_waiting: int
+    # both, prefill or decode (disaggregated prefill); draining: it wants its requests moved.
+    role: str = "both"
+    draining: bool = False
 
     @classmethod
     def from_proto(cls, msg: shard_pb2.StatusResponse) -> ReplicaStatus:
@@ -71,15 +101,17 @@ class ReplicaStatus:
             kv_blocks_total=msg.kv_blocks_total,
             num_running=msg.num_running,
             num_waiting=msg.num_waiting,
+            role=msg.role or "both",
+            draining=msg.draining,
         )
 
 
 class ReplicaClient:
     """The gateway's connection to one replica leader."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, open_channel: ChannelFactory | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = (open_channel or replica_channels())(address)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.status: ReplicaStatus | None = None
@@ -88,6 +120,10 @@ class ReplicaClient:
         self.num_active = 0
         # Set by the Router: another healthy replica, not one of the given addresses.
         self.find_alternative: Callable[[Collection[str]], ReplicaClient | None] | None = None
+        # Out of rotation by an operator (Admin.Drain) though it may still serve.
+        self.is_cordoned = False
+        # Called once when the replica starts draining (SIGTERM), to move its requests.
+        self.on_draining: Callable[[ReplicaClient], None] | None = None
 
     async def refresh(self, timeout_s: float) -> bool:
         """Asks the replica for its status and health; returns whether it can serve."""
@@ -99,10 +135,15 @@ class ReplicaClient:
         except grpc.aio.AioRpcError as err:
             self.mark_unhealthy(f"{err.code().name}: {err.details()}")
             return False
+        status = ReplicaStatus.from_proto(msg)
+        was_draining = self.status is not None and self.status.draining
+        if status.draining and not was_draining and self.on_draining is not None:
+            self.on_draining(self)
         if not serving:
+            self.status = status if status.draining else self.status
             self.mark_unhealthy("health NOT_SERVING")
             return False
-        self.status = ReplicaStatus.from_proto(msg)
+        self.status = status
         if not self.is_healthy:
             logger.info("replica %s is healthy (model %s)", self.address, self.status.model)
         self.is_healthy = True
@@ -137,6 +178,16 @@ class ReplicaClient:
     ) -> grpc.aio.UnaryStreamCall:
         """`Shard.Generate` on this replica only."""
         return self._stub.Generate(request, timeout=timeout_s)
+
+    def resume(self, request_id: str, timeout_s: float | None) -> grpc.aio.UnaryStreamCall:
+        """`Shard.Resume`: the rest of a request handed over to this replica."""
+        return self._stub.Resume(shard_pb2.ResumeRequest(request_id=request_id), timeout=timeout_s)
+
+    async def move_kv(
+        self, request: shard_pb2.MoveKvRequest, timeout_s: float | None
+    ) -> shard_pb2.MoveKvResponse:
+        """`Shard.MoveKv`: this replica pushes a request's KV into request.target."""
+        return await self._stub.MoveKv(request, timeout=timeout_s)
 
     async def abort(self, request_id: str, timeout_s: float = 1.0) -> bool:
         request = shard_pb2.AbortRequest(request_id=request_id)
@@ -213,6 +264,14 @@ class Lease:
         self.replica = replica
         self.remaining = num_tokens
 
+    def move_to(self, replica: ReplicaClient) -> None:
+        """The request now runs on `replica` (it was handed over)."""
+        self.replica.outstanding_tokens -= self.remaining
+        self.replica.num_active -= 1
+        self.replica = replica
+        replica.outstanding_tokens += self.remaining
+        replica.num_active += 1
+
     def consume(self, num_tokens: int) -> None:
         used = min(num_tokens, self.remaining)
         self.remaining -= used
@@ -229,10 +288,12 @@ class Router:
         poll_interval_s: float = 1.0,
         status_timeout_s: float = 2.0,
         on_health_change: HealthListener | None = None,
+        open_channel: ChannelFactory | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one replica address is needed")
-        self.replicas = tuple(ReplicaClient(a) for a in addresses)
+        open_channel = open_channel or replica_channels()
+        self.replicas = tuple(ReplicaClient(a, open_channel) for a in addresses)
         for replica in self.replicas:
             replica.find_alternative = self._alternative
         self._poll_interval_s = poll_interval_s
@@ -242,13 +303,47 @@ class Router:
         self._poll_task: asyncio.Task[None] | None = None
         # session_id -> address of the replica that served the session's last turn.
         self._affinity: OrderedDict[str, str] = OrderedDict()
+        # Requests in flight by id, for live migration (serve.gateway.migration), and
+        # the KV codec of the moves this gateway orchestrates.
+        self.flights: dict[str, Flight] = {}
+        self.kv_codec = "lossless"
 
     @property
     def is_serving(self) -> bool:
         return any(r.is_healthy for r in self.replicas)
 
     def healthy_replicas(self) -> list[ReplicaClient]:
-        return [r for r in self.replicas if r.is_healthy and r.status is not None]
+        """Replicas in rotation: healthy, reporting a status, not cordoned."""
+        return [
+            r for r in self.replicas if r.is_healthy and r.status is not None and not r.is_cordoned
+        ]
+
+    def replica(self, address: str) -> ReplicaClient | None:
+        return next((r for r in self.replicas if r.address == address), None)
+
+    def decode_target(self, exclude: Collection[str]) -> ReplicaClient | None:
+        """Where a prefill replica hands its requests over: the least loaded healthy
+        replica of role decode (None when there is none)."""
+        decoders = [
+            r
+            for r in self.healthy_replicas()
+            if r.status is not None and r.status.role == "decode" and r.address not in exclude
+        ]
+        return min(decoders, key=_load) if decoders else None
+
+    def migration_target(self, exclude: Collection[str]) -> ReplicaClient | None:
+        """Where a request in flight moves: the least loaded healthy replica that
+        decodes (role decode or both) outside `exclude`."""
+        candidates = [
+            r
+            for r in self.healthy_replicas()
+            if r.address not in exclude and r.status is not None and r.status.role != "prefill"
+        ]
+        return min(candidates, key=_load) if candidates else None
+
+    def bound_replica(self, session_id: str) -> str:
+        """The address that served the session's last turn ('' when none)."""
+        return self._affinity.get(session_id, "") if session_id else ""
 
     async def refresh(self) -> None:
         await asyncio.gather(*(r.refresh(self._status_timeout_s) for r in self.replicas))
@@ -277,13 +372,16 @@ class Router:
         healthy = self.healthy_replicas()
         if not healthy:
             raise Unavailable("no healthy replica")
+        # New prompts go to prefill replicas (and those doing both) while there are any.
+        prompts = [r for r in healthy if r.status is not None and r.status.role != "decode"]
+        healthy = prompts or healthy
         bound = self._affinity.get(session_id) if session_id else None
         if bound is not None:
             for replica in healthy:
                 if replica.address == bound:
                     return replica
-            logger.info("session's replica %s is unavailable; moving the session", bound)
-        return min(healthy, key=lambda r: (r.outstanding_tokens, r.num_active))
+            logger.info("session's replica %s is not in rotation; moving the session", bound)
+        return min(healthy, key=_load)
 
     def bind(self, session_id: str, address: str) -> None:
         """Routes the session's next turns to `address` (the least recently bound
@@ -303,7 +401,16 @@ class Router:
         healthy = [r for r in self.healthy_replicas() if r.address not in exclude]
         if not healthy:
             return None
-        return min(healthy, key=lambda r: (r.outstanding_tokens, r.num_active))
+        return min(healthy, key=_load)
+
+    @contextlib.contextmanager
+    def track_flight(self, flight: Flight) -> Iterator[Flight]:
+        """Lists a request as in flight (movable) while it runs."""
+        self.flights[flight.request_id] = flight
+        try:
+            yield flight
+        finally:
+            self.flights.pop(flight.request_id, None)
 
     @contextlib.contextmanager
     def track(self, replica: ReplicaClient, num_tokens: int) -> Iterator[Lease]:
@@ -314,8 +421,8 @@ class Router:
         try:
             yield lease
         finally:
-            replica.outstanding_tokens -= lease.remaining
-            replica.num_active -= 1
+            lease.replica.outstanding_tokens -= lease.remaining
+            lease.replica.num_active -= 1
 
     async def close(self) -> None:
         if self._poll_task is not None:
@@ -338,3 +445,7 @@ class Router:
             self._was_serving = serving
             if self._on_health_change is not None:
                 await self._on_health_change(serving)
+
+
+def _load(replica: ReplicaClient) -> tuple[int, int]:
+    return replica.outstanding_tokens, replica.num_active

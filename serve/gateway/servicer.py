@@ -7,7 +7,12 @@ has a `RequestRecord`, which feeds the metrics and writes the call's log line
 (each TranslateLive segment has its own as well).
 
 `Chat` with `append_only` runs one turn of a session kept in `SessionStore`;
-`TranslateLive` hands the stream to `LiveTranslation`."""
+`TranslateLive` hands the stream to `LiveTranslation`.
+
+Overload (`LoadGate`): every inference call takes a stream slot as it arrives, and
+a full prompt-token queue refuses a call before its text is tokenized; both
+refusals are RESOURCE_EXHAUSTED with a `retry-after-ms` trailing metadata hint.
+A prompt's tokens stay queued from admission until its first token."""
 
 from __future__ import annotations
 
@@ -26,7 +31,14 @@ from shardwire.v1 import inference_pb2, inference_pb2_grpc
 from serve.config import LiveTranslateConfig, SessionConfig
 from serve.errors import FailedPrecondition, InvalidArgument, ShardwireError, Unavailable
 from serve.gateway import admission, prompts
-from serve.gateway.admission import Limits, ModelLimits, SamplingParams
+from serve.gateway.admission import (
+    RETRY_AFTER_KEY,
+    Limits,
+    LoadGate,
+    ModelLimits,
+    Overloaded,
+    SamplingParams,
+)
 from serve.gateway.conversation import Conversation
 from serve.gateway.generation import FinishReason, Generation, OutputChunk
 from serve.gateway.interceptor import current_request_id, status_of
@@ -48,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 # Prompts longer than this (characters) are tokenized in a worker thread.
 OFF_LOOP_CHARS = 16_384
+# What one chat message costs the template beyond its text, counted in characters
+# when choosing where to tokenize.
+MESSAGE_OVERHEAD_CHARS = 32
 _FINISH_TO_PROTO = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -117,6 +132,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._generation = Generation(tokenizer, router)
         self.sessions = SessionStore(sessions or SessionConfig(), lambda: Conversation(tokenizer))
         self._live_limits = live or LiveTranslateConfig()
+        self.load = LoadGate(limits)
 
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -126,12 +142,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             sampling = admission.validate_sampling(
                 sampling_from_proto(request.sampling), self._limits
             )
-            messages = admission.validate_messages([(m.role, m.content) for m in request.messages])
+            messages = admission.validate_messages(
+                [(m.role, m.content) for m in request.messages], self._limits.max_messages
+            )
+            admission.validate_session_id(request.session_id)
             self._log_prompt(record.request_id, "chat", messages)
+            self.load.check_queue()
             if request.append_only:
                 await self._session_turn(record, request.session_id, messages, sampling, context)
                 return
-            size = sum(len(m.content) for m in messages)
+            size = _chat_size(messages)
             ids = await _tokenize(size, prompts.chat_prompt_ids, self._tokenizer, messages)
             await self._stream(record, ids, sampling, "messages", context, request.session_id)
 
@@ -144,7 +164,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 sampling_from_proto(request.sampling), self._limits
             )
             text = admission.validate_text(request.text, "text")
+            admission.validate_language_code(request.source_lang, "source_lang")
+            admission.validate_language_code(request.target_lang, "target_lang")
             self._log_prompt(record.request_id, "translate", text)
+            self.load.check_queue()
             ids = await _tokenize(
                 len(text),
                 prompts.translate_prompt_ids,
@@ -164,6 +187,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 sampling_from_proto(request.sampling), self._limits
             )
             admission.validate_prompt_choice(request.prompt, request.prompt_token_ids)
+            self.load.check_queue()
             if request.prompt:
                 self._log_prompt(record.request_id, "generate", request.prompt)
                 size = len(request.prompt)
@@ -197,8 +221,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if self._metrics is not None:
             self._metrics.requests_in_flight.inc()
         try:
-            yield record
+            with self.load.stream():
+                yield record
         except BaseException as error:
+            if isinstance(error, Overloaded):
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(error.retry_after_ms)),))
             record.fail(status_of(error, context), _error_message(error))
             raise
         finally:
@@ -274,10 +301,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             admitted.sampling.max_tokens,
             replica.address,
         )
-        outputs = self._generation.run(replica, admitted, record=record, timeout_s=timeout_s)
-        async with contextlib.aclosing(outputs):
-            async for out in outputs:
-                yield out
+        queued = self.load.queue_prompt(len(admitted.prompt_token_ids))
+        try:
+            outputs = self._generation.run(
+                replica, admitted, record=record, timeout_s=timeout_s, session_id=session_id
+            )
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    if out.token_ids or out.finish_reason is not None:
+                        queued.release()
+                    yield out
+        finally:
+            queued.release(measured=False)
         self._router.bind(session_id, record.replica)
 
     # -- sessions --------------------------------------------------------------------
@@ -334,6 +369,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> inference_pb2.CloseSessionResponse:
         if not request.session_id:
             raise InvalidArgument("session_id must not be empty")
+        admission.validate_session_id(request.session_id)
         session = self.sessions.close(request.session_id)
         self._router.unbind(request.session_id)
         if session is not None:
@@ -386,6 +422,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _live_settings(self, config: inference_pb2.TranslateLiveConfig) -> LiveSettings:
         self._check_common(config, config.model)
         sampling = admission.validate_sampling(sampling_from_proto(config.sampling), self._limits)
+        admission.validate_language_code(config.target_lang, "config.target_lang")
+        admission.validate_language_code(config.source_lang, "config.source_lang")
         prompts.language_name(config.target_lang, "config.target_lang")
         source = config.source_lang.strip().lower()
         if source not in ("", prompts.AUTO_LANGUAGE):
@@ -457,6 +495,11 @@ async def _segments(
         if request.WhichOneof("kind") != "segment":
             raise InvalidArgument("only the first TranslateLiveRequest may carry config")
         yield SegmentInput(request.segment.text, request.segment.final)
+
+
+def _chat_size(messages: Sequence[ChatMessage]) -> int:
+    """A conversation's size in characters, for choosing where to tokenize it."""
+    return sum(len(m.content) + MESSAGE_OVERHEAD_CHARS for m in messages)
 
 
 async def _tokenize(num_chars: int, build: Callable[..., list[int]], *args: Any) -> list[int]:

@@ -176,7 +176,9 @@ class Tokenizer:
     def builtin(cls) -> Tokenizer:
         """The presets' tokenizer: ids 0..255 are bytes, 256..263 the special tokens."""
         vocab = {symbol: i for i, symbol in enumerate(_byte_symbols())}
-        backend = _Backend(models.BPE(vocab=vocab, merges=[]))
+        # No merges, so nothing to cache; and without a splitting pre-tokenizer the
+        # BPE word cache would keep up to 10 000 whole prompts (~40 MB) per process.
+        backend = _Backend(models.BPE(vocab=vocab, merges=[], cache_capacity=0))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens(

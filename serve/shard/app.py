@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -13,11 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shardwire.v1 import shard_pb2_grpc
 
 from serve.comm.collectives import Communicator
-from serve.config import ShardConfig
+from serve.config import CLUSTER_SECRET_ENV, ShardConfig, TLSClientConfig
 from serve.dist.worker import load_rank
 from serve.engine.engine import AsyncEngine, LLMEngine
+from serve.gateway.auth import cluster_secret_interceptor
 from serve.gateway.drain import DrainGate
 from serve.gateway.interceptor import ErrorInterceptor
+from serve.gateway.router import ChannelFactory, replica_channels
+from serve.gateway.tls import describe, is_loopback, server_credentials
 from serve.metrics import (
     MetricsServer,
     codec_counters_source,
@@ -25,6 +29,7 @@ from serve.metrics import (
     replica_registry,
     serve_metrics,
 )
+from serve.shard.kv_transfer import KvTransfer
 from serve.shard.servicer import ShardServicer
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class ShardServer:
     port: int
     metrics_server: MetricsServer | None = None
     drain_gate: DrainGate | None = None
+    servicer: ShardServicer | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -52,7 +58,10 @@ class ShardServer:
     async def drain(self, timeout_s: float) -> bool:
         """Health NOT_SERVING, new Generate calls refused with UNAVAILABLE (Status,
         Abort and health keep answering), and up to timeout_s for the requests in
-        flight to finish; returns whether they all did."""
+        flight to finish; returns whether they all did. Status says `draining`, so a
+        gateway with other replicas moves the requests there (live migration)."""
+        if self.servicer is not None:
+            self.servicer.draining = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.drain_gate is None:
@@ -63,6 +72,8 @@ class ShardServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        if self.servicer is not None:
+            await self.servicer.kv.close()
         await asyncio.to_thread(self.engine.shutdown)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.close)
@@ -71,13 +82,14 @@ class ShardServer:
         await self.server.wait_for_termination()
 
 
-def build_engine(config: ShardConfig) -> AsyncEngine:
+def build_engine(config: ShardConfig) -> LLMEngine:
+    """Runs on the engine thread (AsyncEngine.launch)."""
     model, channel = load_rank(config)
     comm = model.group.comm
     if isinstance(comm, Communicator):
         # Rank 0's activation bytes per codec, raw and on the wire, on /metrics.
         register_comm_stats(codec_counters_source(comm.stats.by_codec))
-    return AsyncEngine(LLMEngine(model, config.engine, channel))
+    return LLMEngine(model, config.engine, channel)
 
 
 async def _watch_engine(engine: AsyncEngine, health_servicer: health.aio.HealthServicer) -> None:
@@ -91,27 +103,66 @@ async def _watch_engine(engine: AsyncEngine, health_servicer: health.aio.HealthS
 
 
 async def start_shard(config: ShardConfig) -> ShardServer:
-    """Loads the model and serves Shard on config.host:config.port (0: any free port)."""
-    engine = await asyncio.to_thread(build_engine, config)
+    """Loads the model and serves Shard on config.host:config.port (0: any free port).
+
+    With a cluster secret every call but health must carry it; with a client CA
+    every peer must present a certificate signed by it (mutual TLS)."""
+    credentials = server_credentials(config.tls)  # bad TLS files fail before the model loads
+    auth = [cluster_secret_interceptor(config.cluster_secret)] if config.cluster_secret else []
+    if not auth and not config.tls.client_ca_file and not is_loopback(config.host):
+        logger.warning(
+            "the Shard API binds %s and accepts any peer: set a cluster secret "
+            "(--cluster-secret-file or %s) or mutual TLS (--tls-client-ca)",
+            config.host,
+            CLUSTER_SECRET_ENV,
+        )
+    engine = await AsyncEngine.launch(functools.partial(build_engine, config))
     drain_gate = DrainGate((f"/{SERVICE_NAME}/Generate",))
     server = grpc.aio.server(
-        interceptors=[drain_gate, ErrorInterceptor()], options=[("grpc.so_reuseport", 0)]
+        interceptors=[*auth, drain_gate, ErrorInterceptor()], options=[("grpc.so_reuseport", 0)]
     )
-    shard_pb2_grpc.add_ShardServicer_to_server(
-        ShardServicer(engine, config.model, config.dtype, config.tp.size), server
+    kv = KvTransfer(engine, peer_channels(config), config.prefix_fetch)
+    servicer = ShardServicer(
+        engine, config.model, config.dtype, config.tp.size, kv=kv, role=config.role
     )
+    shard_pb2_grpc.add_ShardServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     asyncio.get_running_loop().create_task(_watch_engine(engine, health_servicer))
-    logger.info("shard serving %s on %s:%d", config.model, config.host, port)
+    logger.info(
+        "shard serving %s on %s:%d (%s%s)",
+        config.model,
+        config.host,
+        port,
+        describe(config.tls),
+        ", cluster secret" if config.cluster_secret else "",
+    )
     metrics = serve_metrics(replica_registry(engine.stats), config.host, config.metrics_port)
-    return ShardServer(server, engine, health_servicer, port, metrics, drain_gate)
+    return ShardServer(server, engine, health_servicer, port, metrics, drain_gate, servicer)
+
+
+def peer_channels(config: ShardConfig) -> ChannelFactory:
+    """Channels to other replicas for KV moves: the cluster secret on every call and,
+    when this leader serves TLS, TLS with its own certificate (its client CA as the
+    peers' CA), as every replica of a cluster is set up alike."""
+    tls = TLSClientConfig()
+    if config.tls.enabled:
+        tls = TLSClientConfig(
+            ca_file=config.tls.client_ca_file,
+            cert_file=config.tls.cert_file,
+            key_file=config.tls.key_file,
+        )
+    return replica_channels(tls, config.cluster_secret)
 
 
 async def run_shard(config: ShardConfig) -> int:

@@ -23,12 +23,16 @@ import pytest
 from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
 
 from clients.client import Client
+from serve.config import CLUSTER_SECRET_ENV
+from serve.gateway.auth import CLUSTER_SECRET_HEADER
 from serve.launch import free_port, wait_serving
 
 CLI = [sys.executable, "-m", "serve.cli"]
 TP_TIMEOUT_S = 5
 DEADLINE_S = 20.0
 NUM_WORKERS = 3
+# Given to `up` (through the environment), so the test can call a replica directly.
+CLUSTER_SECRET = "failure-test-cluster-secret"
 
 
 @dataclass
@@ -68,6 +72,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, CLUSTER_SECRET_ENV: CLUSTER_SECRET},
         )  # fmt: skip
     target = f"127.0.0.1:{port}"
     try:
@@ -151,7 +156,9 @@ def _generate_on_replica(port: int) -> list[int]:
             prompt_token_ids=[5, 6, 7, 8],
             sampling=inference_pb2.SamplingParams(max_tokens=8, ignore_eos=True, temperature=0),
         )
-        return [t for chunk in stub.Generate(request, timeout=20) for t in chunk.token_ids]
+        metadata = ((CLUSTER_SECRET_HEADER, CLUSTER_SECRET),)
+        stream = stub.Generate(request, timeout=20, metadata=metadata)
+        return [t for chunk in stream for t in chunk.token_ids]
 
 
 def _fail_and_recover(up: Up, port: int, sig: signal.Signals, detect_within_s: float) -> None:

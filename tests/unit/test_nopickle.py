@@ -27,6 +27,21 @@ def test_the_project_has_no_pickle_like_calls() -> None:
         "eval(text)\n",
         "exec(code)\n",
         "import numpy as np\nnp.load(f, allow_pickle=True)\n",
+        # spelled through the imports
+        "import torch as th\nx = th.load(path)\n",
+        "from torch import load\nx = load(path)\n",
+        "from torch import load as tl\nx = tl(path, weights_only=flag)\n",
+        "import torch\nx = torch.serialization.load(path)\n",
+        "import numpy as xp\nxp.load(f, allow_pickle=True)\n",
+        "import builtins\nbuiltins.eval(text)\n",
+        "from builtins import exec as run\nrun(code)\n",
+        "mod = __import__('pickle')\n",
+        "import importlib\nmod = importlib.import_module('cloudpickle')\n",
+        "import jsonpickle\n",
+        "import pandas as pd\ndf = pd.read_pickle(path)\n",
+        "import yaml\nyaml.load(text)\n",
+        "import yaml\nyaml.load(text, Loader=yaml.Loader)\n",
+        "import yaml\nyaml.unsafe_load(text)\n",
     ],
 )
 def test_planted_examples_are_found(planted: str) -> None:
@@ -40,6 +55,9 @@ def test_safe_lookalikes_pass() -> None:
         "x = torch.load(path, weights_only=True)\n"
         "loader.exec_module(mod)\n"
         "np.load(f)\n"
+        "import importlib\nimportlib.import_module('serve.bench.serve')\n"
+        "import yaml\nyaml.load(text, Loader=yaml.SafeLoader)\nyaml.safe_load(text)\n"
+        "from torch import load\nload(path, weights_only=True)\n"
     )
     assert check_source(safe, "safe.py") == []
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shardwire.v1 import inference_pb2 as shardwire_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shardwire/v1/shard.proto\x12\x0cshardwire.v1\x1a\x1cshardwire/v1/inference.proto\"\x8c\x01\n\x14ShardGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\"\xa0\x01\n\x12ShardGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.shardwire.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xcd\x02\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07tp_size\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0b \x01(\x04\x12!\n\x19prefix_cache_query_tokens\x18\x0c \x01(\x04\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x04\x32\xe2\x01\n\x05Shard\x12R\n\x08Generate\x12\".shardwire.v1.ShardGenerateRequest\x1a .shardwire.v1.ShardGenerateChunk0\x01\x12@\n\x05\x41\x62ort\x12\x1a.shardwire.v1.AbortRequest\x1a\x1b.shardwire.v1.AbortResponse\x12\x43\n\x06Status\x12\x1b.shardwire.v1.StatusRequest\x1a\x1c.shardwire.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shardwire/v1/shard.proto\x12\x0cshardwire.v1\x1a\x1cshardwire/v1/inference.proto\"\xcd\x01\n\x14ShardGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x16\n\x0ehandoff_target\x18\x05 \x01(\t\x12\x10\n\x08kv_codec\x18\x06 \x01(\t\x12\x15\n\rprefix_source\x18\x07 \x01(\t\"\xcd\x01\n\x12ShardGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.shardwire.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\x12\x10\n\x08migrated\x18\x06 \x01(\x08\x12\x19\n\x11num_output_tokens\x18\x07 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x9c\x03\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07tp_size\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0b \x01(\x04\x12!\n\x19prefix_cache_query_tokens\x18\x0c \x01(\x04\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x17\n\x0fnum_preemptions\x18\x0e \x01(\x04\x12\x0c\n\x04role\x18\x0f \x01(\t\x12\x10\n\x08\x64raining\x18\x10 \x01(\x08\x12-\n\x0bkv_geometry\x18\x11 \x01(\x0b\x32\x18.shardwire.v1.KvGeometry\"W\n\nKvGeometry\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\"\xdf\x01\n\x0cRequestState\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x18\n\x10output_token_ids\x18\x03 \x03(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardwire.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12 \n\x18num_cached_prompt_tokens\x18\x07 \x01(\r\x12\x0f\n\x07queue_s\x18\x08 \x01(\x01\"\xcb\x01\n\x08KvHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x08geometry\x18\x02 \x01(\x0b\x32\x18.shardwire.v1.KvGeometry\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x11\n\tend_token\x18\x04 \x01(\r\x12)\n\x05state\x18\x05 \x01(\x0b\x32\x1a.shardwire.v1.RequestState\x12\x0e\n\x06\x63ommit\x18\x06 \x01(\x08\x12\x0e\n\x06prefix\x18\x07 \x01(\x08\x12\x12\n\nsequential\x18\x08 \x01(\x08\"\x91\x01\n\x07KvChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.shardwire.v1.KvHeader\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0bstart_token\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x11\n\tkey_frame\x18\x05 \x01(\x0c\x12\x13\n\x0bvalue_frame\x18\x06 \x01(\x0c\"v\n\x10ImportKvResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nwire_bytes\x18\x02 \x01(\x04\x12\x11\n\treceive_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\"\x8c\x01\n\x0f\x45xportKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prefix_token_ids\x18\x02 \x03(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x13\n\x0bstart_token\x18\x04 \x01(\r\x12\x12\n\nsequential\x18\x05 \x01(\x08\x12\x13\n\x0bprobe_bytes\x18\x06 \x01(\r\"\xad\x01\n\rMoveKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x13\n\x0bstart_token\x18\x04 \x01(\r\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12\x17\n\x0f\x61t_output_token\x18\x06 \x01(\r\x12\x18\n\x10prefix_token_ids\x18\x07 \x03(\r\x12\x12\n\nsequential\x18\x08 \x01(\x08\"\xbd\x01\n\x0eMoveKvResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nwire_bytes\x18\x02 \x01(\x04\x12\x11\n\traw_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x10\n\x08\x65ncode_s\x18\x05 \x01(\x01\x12\x11\n\treceive_s\x18\x06 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x07 \x01(\x01\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\r\x12\r\n\x05moved\x18\t \x01(\x08\"#\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"C\n\x0c\x44rainRequest\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x10\n\x08uncordon\x18\x02 \x01(\x08\x12\x10\n\x08kv_codec\x18\x03 \x01(\t\"9\n\rDrainResponse\x12\x14\n\x0cnum_migrated\x18\x01 \x01(\r\x12\x12\n\nnum_failed\x18\x02 \x01(\r\"_\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x10\n\x08kv_codec\x18\x03 \x01(\t\x12\x17\n\x0f\x61t_output_token\x18\x04 \x01(\r\"q\n\x0fMigrateResponse\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\r\x12\x12\n\nwire_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07pause_s\x18\x05 \x01(\x01\x32\xfb\x03\n\x05Shard\x12R\n\x08Generate\x12\".shardwire.v1.ShardGenerateRequest\x1a .shardwire.v1.ShardGenerateChunk0\x01\x12@\n\x05\x41\x62ort\x12\x1a.shardwire.v1.AbortRequest\x1a\x1b.shardwire.v1.AbortResponse\x12\x43\n\x06Status\x12\x1b.shardwire.v1.StatusRequest\x1a\x1c.shardwire.v1.StatusResponse\x12\x42\n\x08\x45xportKv\x12\x1d.shardwire.v1.ExportKvRequest\x1a\x15.shardwire.v1.KvChunk0\x01\x12\x43\n\x08ImportKv\x12\x15.shardwire.v1.KvChunk\x1a\x1e.shardwire.v1.ImportKvResponse(\x01\x12\x43\n\x06MoveKv\x12\x1b.shardwire.v1.MoveKvRequest\x1a\x1c.shardwire.v1.MoveKvResponse\x12I\n\x06Resume\x12\x1b.shardwire.v1.ResumeRequest\x1a .shardwire.v1.ShardGenerateChunk0\x01\x32\x91\x01\n\x05\x41\x64min\x12@\n\x05\x44rain\x12\x1a.shardwire.v1.DrainRequest\x1a\x1b.shardwire.v1.DrainResponse\x12\x46\n\x07Migrate\x12\x1c.shardwire.v1.MigrateRequest\x1a\x1d.shardwire.v1.MigrateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardwire.v1.shard_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SHARDGENERATEREQUEST']._serialized_start=73
-  _globals['_SHARDGENERATEREQUEST']._serialized_end=213
-  _globals['_SHARDGENERATECHUNK']._serialized_start=216
-  _globals['_SHARDGENERATECHUNK']._serialized_end=376
-  _globals['_ABORTREQUEST']._serialized_start=378
-  _globals['_ABORTREQUEST']._serialized_end=412
-  _globals['_ABORTRESPONSE']._serialized_start=414
-  _globals['_ABORTRESPONSE']._serialized_end=444
-  _globals['_STATUSREQUEST']._serialized_start=446
-  _globals['_STATUSREQUEST']._serialized_end=461
-  _globals['_STATUSRESPONSE']._serialized_start=464
-  _globals['_STATUSRESPONSE']._serialized_end=797
-  _globals['_SHARD']._serialized_start=800
-  _globals['_SHARD']._serialized_end=1026
+  _globals['_SHARDGENERATEREQUEST']._serialized_end=278
+  _globals['_SHARDGENERATECHUNK']._serialized_start=281
+  _globals['_SHARDGENERATECHUNK']._serialized_end=486
+  _globals['_ABORTREQUEST']._serialized_start=488
+  _globals['_ABORTREQUEST']._serialized_end=522
+  _globals['_ABORTRESPONSE']._serialized_start=524
+  _globals['_ABORTRESPONSE']._serialized_end=554
+  _globals['_STATUSREQUEST']._serialized_start=556
+  _globals['_STATUSREQUEST']._serialized_end=571
+  _globals['_STATUSRESPONSE']._serialized_start=574
+  _globals['_STATUSRESPONSE']._serialized_end=986
+  _globals['_KVGEOMETRY']._serialized_start=988
+  _globals['_KVGEOMETRY']._serialized_end=1075
+  _globals['_REQUESTSTATE']._serialized_start=1078
+  _globals['_REQUESTSTATE']._serialized_end=1301
+  _globals['_KVHEADER']._serialized_start=1304
+  _globals['_KVHEADER']._serialized_end=1507
+  _globals['_KVCHUNK']._serialized_start=1510
+  _globals['_KVCHUNK']._serialized_end=1655
+  _globals['_IMPORTKVRESPONSE']._serialized_start=1657
+  _globals['_IMPORTKVRESPONSE']._serialized_end=1775
+  _globals['_EXPORTKVREQUEST']._serialized_start=1778
+  _globals['_EXPORTKVREQUEST']._serialized_end=1918
+  _globals['_MOVEKVREQUEST']._serialized_start=1921
+  _globals['_MOVEKVREQUEST']._serialized_end=2094
+  _globals['_MOVEKVRESPONSE']._serialized_start=2097
+  _globals['_MOVEKVRESPONSE']._serialized_end=2286
+  _globals['_RESUMEREQUEST']._serialized_start=2288
+  _globals['_RESUMEREQUEST']._serialized_end=2323
+  _globals['_DRAINREQUEST']._serialized_start=2325
+  _globals['_DRAINREQUEST']._serialized_end=2392
+  _globals['_DRAINRESPONSE']._serialized_start=2394
+  _globals['_DRAINRESPONSE']._serialized_end=2451
+  _globals['_MIGRATEREQUEST']._serialized_start=2453
+  _globals['_MIGRATEREQUEST']._serialized_end=2548
+  _globals['_MIGRATERESPONSE']._serialized_start=2550
+  _globals['_MIGRATERESPONSE']._serialized_end=2663
+  _globals['_SHARD']._serialized_start=2666
+  _globals['_SHARD']._serialized_end=3173
+  _globals['_ADMIN']._serialized_start=3176
+  _globals['_ADMIN']._serialized_end=3321
 # @@protoc_insertion_point(module_scope)

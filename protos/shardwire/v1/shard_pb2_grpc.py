@@ -49,6 +49,26 @@ class ShardStub:
                 request_serializer=shardwire_dot_v1_dot_shard__pb2.StatusRequest.SerializeToString,
                 response_deserializer=shardwire_dot_v1_dot_shard__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.ExportKv = channel.unary_stream(
+                '/shardwire.v1.Shard/ExportKv',
+                request_serializer=shardwire_dot_v1_dot_shard__pb2.ExportKvRequest.SerializeToString,
+                response_deserializer=shardwire_dot_v1_dot_shard__pb2.KvChunk.FromString,
+                _registered_method=True)
+        self.ImportKv = channel.stream_unary(
+                '/shardwire.v1.Shard/ImportKv',
+                request_serializer=shardwire_dot_v1_dot_shard__pb2.KvChunk.SerializeToString,
+                response_deserializer=shardwire_dot_v1_dot_shard__pb2.ImportKvResponse.FromString,
+                _registered_method=True)
+        self.MoveKv = channel.unary_unary(
+                '/shardwire.v1.Shard/MoveKv',
+                request_serializer=shardwire_dot_v1_dot_shard__pb2.MoveKvRequest.SerializeToString,
+                response_deserializer=shardwire_dot_v1_dot_shard__pb2.MoveKvResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/shardwire.v1.Shard/Resume',
+                request_serializer=shardwire_dot_v1_dot_shard__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=shardwire_dot_v1_dot_shard__pb2.ShardGenerateChunk.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -76,6 +96,43 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportKv(self, request, context):
+        """KV moves, replica to replica (the gateway only orchestrates them).
+        ExportKv streams the KV of a running request, or of a cached prefix, as
+        frames: layer by layer, block by block, encoded while earlier chunks are on
+        the wire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKv(self, request_iterator, context):
+        """ImportKv takes a request's KV (headers and frames) and stages it: nothing
+        runs until Resume, or it lands in the prefix cache. Failing or cancelling
+        the stream drops what it staged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MoveKv(self, request, context):
+        """MoveKv makes this replica push a request's KV straight into another
+        replica's ImportKv: a pre-copy while decoding goes on, or the final step
+        (pause, send the delta and the request's state, hand over), or a cached
+        prefix.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Resume starts a request handed over to this replica and streams its
+        further tokens, like Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +150,26 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=shardwire_dot_v1_dot_shard__pb2.StatusRequest.FromString,
                     response_serializer=shardwire_dot_v1_dot_shard__pb2.StatusResponse.SerializeToString,
+            ),
+            'ExportKv': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportKv,
+                    request_deserializer=shardwire_dot_v1_dot_shard__pb2.ExportKvRequest.FromString,
+                    response_serializer=shardwire_dot_v1_dot_shard__pb2.KvChunk.SerializeToString,
+            ),
+            'ImportKv': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportKv,
+                    request_deserializer=shardwire_dot_v1_dot_shard__pb2.KvChunk.FromString,
+                    response_serializer=shardwire_dot_v1_dot_shard__pb2.ImportKvResponse.SerializeToString,
+            ),
+            'MoveKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveKv,
+                    request_deserializer=shardwire_dot_v1_dot_shard__pb2.MoveKvRequest.FromString,
+                    response_serializer=shardwire_dot_v1_dot_shard__pb2.MoveKvResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=shardwire_dot_v1_dot_shard__pb2.ResumeRequest.FromString,
+                    response_serializer=shardwire_dot_v1_dot_shard__pb2.ShardGenerateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +253,236 @@ class Shard:
             '/shardwire.v1.Shard/Status',
             shardwire_dot_v1_dot_shard__pb2.StatusRequest.SerializeToString,
             shardwire_dot_v1_dot_shard__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shardwire.v1.Shard/ExportKv',
+            shardwire_dot_v1_dot_shard__pb2.ExportKvRequest.SerializeToString,
+            shardwire_dot_v1_dot_shard__pb2.KvChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKv(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shardwire.v1.Shard/ImportKv',
+            shardwire_dot_v1_dot_shard__pb2.KvChunk.SerializeToString,
+            shardwire_dot_v1_dot_shard__pb2.ImportKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardwire.v1.Shard/MoveKv',
+            shardwire_dot_v1_dot_shard__pb2.MoveKvRequest.SerializeToString,
+            shardwire_dot_v1_dot_shard__pb2.MoveKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shardwire.v1.Shard/Resume',
+            shardwire_dot_v1_dot_shard__pb2.ResumeRequest.SerializeToString,
+            shardwire_dot_v1_dot_shard__pb2.ShardGenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Served by the gateway: operations on the replicas behind it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Drain = channel.unary_unary(
+                '/shardwire.v1.Admin/Drain',
+                request_serializer=shardwire_dot_v1_dot_shard__pb2.DrainRequest.SerializeToString,
+                response_deserializer=shardwire_dot_v1_dot_shard__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/shardwire.v1.Admin/Migrate',
+                request_serializer=shardwire_dot_v1_dot_shard__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=shardwire_dot_v1_dot_shard__pb2.MigrateResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Served by the gateway: operations on the replicas behind it.
+    """
+
+    def Drain(self, request, context):
+        """Drain moves every request in flight on a replica to the others (live
+        migration: the clients' streams go on without a gap or a repeat) and takes
+        the replica out of this gateway's rotation (uncordon puts it back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Migrate(self, request, context):
+        """Migrate moves one request in flight to another replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=shardwire_dot_v1_dot_shard__pb2.DrainRequest.FromString,
+                    response_serializer=shardwire_dot_v1_dot_shard__pb2.DrainResponse.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=shardwire_dot_v1_dot_shard__pb2.MigrateRequest.FromString,
+                    response_serializer=shardwire_dot_v1_dot_shard__pb2.MigrateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shardwire.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shardwire.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Served by the gateway: operations on the replicas behind it.
+    """
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardwire.v1.Admin/Drain',
+            shardwire_dot_v1_dot_shard__pb2.DrainRequest.SerializeToString,
+            shardwire_dot_v1_dot_shard__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardwire.v1.Admin/Migrate',
+            shardwire_dot_v1_dot_shard__pb2.MigrateRequest.SerializeToString,
+            shardwire_dot_v1_dot_shard__pb2.MigrateResponse.FromString,
             options,
             channel_credentials,
             insecure,

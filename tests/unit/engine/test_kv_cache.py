@@ -88,3 +88,41 @@ def test_shared_blocks_are_reused_and_evicted_only_when_free() -> None:
 def test_block_hash_chains_the_parent() -> None:
     assert block_hash(b"", [1, 2]) != block_hash(block_hash(b"", [0, 0]), [1, 2])
     assert block_hash(b"", [1, 2]) == block_hash(b"", [1, 2])
+
+
+def test_held_blocks_outlive_their_owner() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    a = _req("a", list(range(8)))
+    assert kv.allocate_slots(a, 8)
+    held = list(kv.block_table("a"))
+    kv.acquire(held)
+    kv.free(a)
+    assert kv.num_free_blocks == 2  # still held by the move
+    b = _req("b", list(range(100, 116)))
+    assert not kv.allocate_slots(b, 16)  # cannot take the held ones
+    kv.release(held)
+    assert kv.num_free_blocks == 4
+    assert kv.allocate_slots(b, 16)
+
+
+def test_match_prefix_neither_counts_nor_holds() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = _req("a", list(range(9)))
+    assert kv.allocate_slots(a, 9)
+    a.num_computed_tokens = 9
+    kv.cache_full_blocks(a)
+    blocks, keys = kv.match_prefix(list(range(12)))
+    assert blocks == kv.block_table("a")[:2] and len(keys) == 2
+    assert kv.num_query_tokens == 0 and kv.num_hit_tokens == 0
+    kv.free(a)
+    assert kv.num_free_blocks == 8
+
+
+def test_lossy_kv_stays_out_of_the_prefix_cache() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = _req("a", list(range(9)))
+    a.kv_exact = False
+    assert kv.allocate_slots(a, 9)
+    a.num_computed_tokens = 9
+    kv.cache_full_blocks(a)
+    assert kv.match_prefix(list(range(9))) == ([], [])

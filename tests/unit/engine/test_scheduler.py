@@ -80,3 +80,28 @@ def test_abort_frees_blocks_and_reports_abort() -> None:
     assert out is not None and out.finish_reason is FinishReason.ABORT
     assert s.kv.num_free_blocks == s.kv.num_blocks
     assert s.abort("a") is None
+
+
+def test_imported_request_goes_on_from_its_kv() -> None:
+    s = _sched()
+    req = _req("a", 20, max_tokens=8)
+    req.output_token_ids = [1, 2, 3]
+    # KV of every token but the last arrived from another replica.
+    assert s.kv.allocate_slots(req, 22)
+    req.num_computed_tokens = 22
+    s.add(req)
+    out = s.schedule()
+    assert out.decodes == [req] and not out.prefills
+    s.update(out, {"a": 7})
+    assert req.output_token_ids == [1, 2, 3, 7] and req.num_computed_tokens == 23
+
+
+def test_removed_request_keeps_its_blocks() -> None:
+    s = _sched()
+    s.add(_req("a", 10))
+    _advance(s)
+    free = s.kv.num_free_blocks
+    req = s.remove("a")
+    assert req is not None and not s.has_unfinished()
+    assert s.kv.num_free_blocks == free and s.kv.block_table("a")
+    assert s.remove("a") is None

@@ -146,3 +146,91 @@ def test_max_tokens_is_clamped_to_the_room_left() -> None:
     assert admitted.prompt_token_ids == (1,) * 90
     roomy = admission.admit("r", [1] * 10, sampling, MODEL, "prompt")
     assert roomy.sampling.max_tokens == 50
+
+
+# -- overload gate --------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stream_cap_refuses_with_a_hint_from_stream_durations() -> None:
+    clock = Clock()
+    gate = admission.LoadGate(Limits(max_concurrent_streams=2), clock)
+    with gate.stream(), gate.stream():
+        full = pytest.raises(admission.Overloaded, match="maximum of 2 streams")
+        with full as info, gate.stream():
+            pass
+        assert info.value.retry_after_ms == admission.DEFAULT_RETRY_AFTER_MS
+        assert info.value.code == "RESOURCE_EXHAUSTED"
+        clock.now += 2.0
+    assert gate.num_streams == 0
+    with gate.stream(), gate.stream():
+        # streams last 2 s on average and 2 are open: one frees about every second
+        with pytest.raises(admission.Overloaded) as info, gate.stream():
+            pass
+        assert info.value.retry_after_ms == 1000
+    assert gate.num_refused == 2
+
+
+def test_a_slot_is_returned_when_the_call_fails() -> None:
+    gate = admission.LoadGate(Limits(max_concurrent_streams=1))
+    with pytest.raises(InvalidArgument), gate.stream():
+        raise InvalidArgument("bad")
+    with gate.stream():
+        assert gate.num_streams == 1
+
+
+def test_prompt_queue_cap() -> None:
+    clock = Clock()
+    gate = admission.LoadGate(Limits(max_queued_prompt_tokens=100), clock)
+    big = gate.queue_prompt(500)  # an empty queue takes any prompt
+    with pytest.raises(admission.Overloaded, match="500 prompt tokens wait"):
+        gate.check_queue()  # full before tokenizing
+    clock.now += 0.4
+    big.release()
+    big.release()  # idempotent
+    assert gate.queued_prompt_tokens == 0
+    first = gate.queue_prompt(60)
+    with pytest.raises(admission.Overloaded, match="50 more prompt tokens") as info:
+        gate.queue_prompt(50)
+    # waits for a first token took 0.4 s; 10 of the 60 queued tokens must drain
+    assert info.value.retry_after_ms == 66
+    fits = gate.queue_prompt(40)
+    assert gate.queued_prompt_tokens == 100
+    first.release(measured=False)
+    fits.release(measured=False)
+    assert gate.queued_prompt_tokens == 0
+
+
+def test_hints_are_clamped_and_caps_can_be_off() -> None:
+    clock = Clock()
+    gate = admission.LoadGate(Limits(max_concurrent_streams=1, max_queued_prompt_tokens=10), clock)
+    with gate.stream():
+        clock.now += 1000.0
+    with gate.stream(), pytest.raises(admission.Overloaded) as info, gate.stream():
+        pass
+    assert info.value.retry_after_ms == admission.MAX_RETRY_AFTER_MS
+    off = admission.LoadGate(Limits(max_concurrent_streams=0, max_queued_prompt_tokens=0))
+    with off.stream(), off.stream(), off.stream():
+        off.queue_prompt(10**9)
+        off.queue_prompt(10**9)
+        off.check_queue()
+
+
+def test_quoted_client_text_is_clipped() -> None:
+    err = _refused(
+        InvalidArgument, "role must be one of", admission.validate_messages, [("x" * 10_000, "hi")]
+    )
+    assert len(err.message) < 300 and "10000 characters" in err.message
+    err = _refused(NotFound, "not served here", admission.resolve_model, "m" * 10_000, ["tiny"])
+    assert len(err.message) < 300
+    _refused(InvalidArgument, "session_id", admission.validate_session_id, "s" * 129)
+    _refused(InvalidArgument, "ISO 639-1", admission.validate_language_code, "e" * 33, "lang")
+    four = [("user", "")] * 4
+    _refused(InvalidArgument, "at most 3 allowed", admission.validate_messages, four, 3)

@@ -1,0 +1,215 @@
+"""Live migration and disaggregated prefill through the whole gRPC path: in-process
+replicas (tiny model) behind a gateway; the KV goes replica to replica
+(Shard.MoveKv -> Shard.ImportKv) and the client keeps one stream.
+
+- a 128-token generation moved at output token 40 gives exactly the tokens of an
+  unmoved run with the exact KV codecs, greedy and seeded sampling; with int8 and
+  int4 the agreement is printed;
+- Admin.Drain under 16 concurrent streams moves every request off a replica and
+  each one completes with exactly the unmoved tokens (none repeated or lost);
+- a replica that drains (as on SIGTERM) gets its requests moved by the gateway;
+- prefill on a `prefill` replica handed over to a `decode` replica gives the
+  tokens of a colocated run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2, shard_pb2_grpc
+
+from serve.config import EngineConfig, ShardConfig
+from serve.shard.app import start_shard
+from tests.fixtures.servers import Servers, idle_free_blocks, servers
+
+PROMPT = [(7 * i + 3) % 250 for i in range(37)]
+MAX_TOKENS = 128
+MIGRATE_AT = 40
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[tuple[Servers, list[str], str]]:
+    for s in servers():
+        shards = [s.shard(), s.shard()]
+        yield s, shards, s.gateway(shards)
+
+
+@dataclass
+class Stream:
+    """One Generate call through the gateway, read on its own thread."""
+
+    target: str
+    prompt: list[int]
+    max_tokens: int = MAX_TOKENS
+    temperature: float = 0.0
+    seed: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    request_id: str = ""
+    finish_reason: int = 0
+    code: str = "OK"
+    started: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> Stream:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def join(self) -> Stream:
+        assert self.thread is not None
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "stream did not finish"
+        return self
+
+    def _run(self) -> None:
+        sampling = inference_pb2.SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, ignore_eos=True
+        )
+        if self.seed is not None:
+            sampling.seed = self.seed
+        request = inference_pb2.GenerateRequest(prompt_token_ids=self.prompt, sampling=sampling)
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                for chunk in stub.Generate(request, timeout=60):
+                    self.request_id = chunk.request_id
+                    self.tokens.extend(chunk.token_ids)
+                    self.finish_reason = chunk.finish_reason
+                    self.started.set()
+        except grpc.RpcError as err:
+            self.code = err.code().name
+        finally:
+            self.started.set()
+
+
+def _admin(target: str) -> shard_pb2_grpc.AdminStub:
+    return shard_pb2_grpc.AdminStub(grpc.insecure_channel(target))
+
+
+def _run(target: str, **kwargs: object) -> list[int]:
+    stream = Stream(target, **kwargs).start().join()  # type: ignore[arg-type]
+    assert stream.code == "OK"
+    return stream.tokens
+
+
+def _migrated_run(target: str, codec: str, **kwargs: object) -> tuple[list[int], int]:
+    stream = Stream(target, **kwargs).start()  # type: ignore[arg-type]
+    assert stream.started.wait(30)
+    request = shard_pb2.MigrateRequest(
+        request_id=stream.request_id, at_output_token=MIGRATE_AT, kv_codec=codec
+    )
+    moved = _admin(target).Migrate(request, timeout=60)
+    stream.join()
+    assert stream.code == "OK"
+    assert stream.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert moved.target and moved.target != moved.source
+    return stream.tokens, moved.num_output_tokens
+
+
+@pytest.mark.parametrize(
+    ("codec", "temperature", "seed"),
+    [("none", 0.0, None), ("lossless", 0.0, None), ("none", 0.8, 11), ("lossless", 0.8, 11)],
+)
+def test_migration_at_token_40_gives_the_unmigrated_tokens(
+    stack, codec: str, temperature: float, seed: int | None
+) -> None:
+    s, shards, target = stack
+    sampling = {"prompt": PROMPT, "temperature": temperature, "seed": seed}
+    reference = _run(target, **sampling)
+    tokens, at = _migrated_run(target, codec, **sampling)
+    assert at == MIGRATE_AT
+    assert len(tokens) == MAX_TOKENS
+    assert tokens == reference
+    for shard in shards:  # every block back on both replicas
+        assert idle_free_blocks(shard) == s.shards[shards.index(shard)].engine.engine.kv.num_blocks
+
+
+def test_lossy_kv_codecs_report_their_agreement(stack) -> None:
+    _, _, target = stack
+    sampling = {"prompt": PROMPT, "temperature": 0.0}
+    reference = _run(target, **sampling)
+    for codec in ("int8", "int8+zstd", "int4", "int4+zstd"):
+        tokens, at = _migrated_run(target, codec, **sampling)
+        assert at == MIGRATE_AT and len(tokens) == MAX_TOKENS
+        assert tokens[:MIGRATE_AT] == reference[:MIGRATE_AT]
+        after = sum(a == b for a, b in zip(tokens, reference, strict=True)) - MIGRATE_AT
+        print(f"{codec}: {after}/{MAX_TOKENS - MIGRATE_AT} tokens after the move agree")
+
+
+def _streams_on(s: Servers, shard: str) -> int:
+    gateway = s.gateways[0]
+    return sum(f.replica.address == shard for f in gateway.router.flights.values())
+
+
+def test_drain_under_16_streams_moves_every_request_without_a_gap(stack) -> None:
+    s, shards, target = stack
+    prompts = [[(11 * i + 5 * j) % 250 for j in range(9 + 3 * i)] for i in range(16)]
+    streams = [Stream(target, p, max_tokens=96).start() for p in prompts]
+    for stream in streams:
+        assert stream.started.wait(30)
+    busy = max(shards, key=lambda a: _streams_on(s, a))
+    assert _streams_on(s, busy) > 0
+    response = _admin(target).Drain(shard_pb2.DrainRequest(replica=busy), timeout=60)
+    for stream in streams:
+        stream.join()
+    assert response.num_migrated > 0, response
+    # Out of rotation: the unmoved reference now runs on the other replica.
+    references = [Stream(target, p, max_tokens=96).start() for p in prompts]
+    for stream, reference in zip(streams, references, strict=True):
+        reference.join()
+        assert stream.code == reference.code == "OK"
+        assert len(stream.tokens) == 96
+        assert stream.tokens == reference.tokens
+    _admin(target).Drain(shard_pb2.DrainRequest(replica=busy, uncordon=True), timeout=10)
+    assert idle_free_blocks(busy) == s.shards[shards.index(busy)].engine.engine.kv.num_blocks
+
+
+def test_a_draining_replica_has_its_requests_moved(stack) -> None:
+    s, shards, target = stack
+    gateway = s.gateways[0]
+    streams = [Stream(target, PROMPT[: 10 + i], max_tokens=400).start() for i in range(4)]
+    for stream in streams:
+        assert stream.started.wait(30)
+    busy = max(shards, key=lambda a: _streams_on(s, a))
+    server = s.shards[shards.index(busy)]
+    started = time.monotonic()
+    assert s.run(server.drain(30)), "requests stayed on the draining replica"
+    took = time.monotonic() - started
+    for stream in streams:
+        stream.join()
+        assert (stream.code, len(stream.tokens)) == ("OK", 400)
+    assert took < 10, f"draining took {took:.1f} s"
+    # Back to serving for the other tests (SIGTERM would stop it here).
+    server.servicer.draining = False
+    server.drain_gate.is_draining = False
+    s.run(server.health.set("", 1))
+    s.run(server.health.set("shardwire.v1.Shard", 1))
+    deadline = time.monotonic() + 10
+    while len(gateway.router.healthy_replicas()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_disaggregated_prefill_gives_the_colocated_tokens() -> None:
+    for s in servers():
+        engine = EngineConfig(kv_cache_bytes=16 * 1024 * 1024)
+        colocated = s.gateway([s.shard()])
+        roles = []
+        for role in ("prefill", "decode"):
+            server = s.run(start_shard(ShardConfig(port=0, engine=engine, role=role)), 120)
+            s.shards.append(server)
+            roles.append(f"127.0.0.1:{server.port}")
+        disaggregated = s.gateway(roles, kv_codec="lossless")
+        for n in (1, 5, 37, 100):
+            prompt = PROMPT[:n] if n <= len(PROMPT) else (PROMPT * 3)[:n]
+            reference = _run(colocated, prompt=prompt, max_tokens=48)
+            assert _run(disaggregated, prompt=prompt, max_tokens=48) == reference
+        decode = s.shards[-1].engine.engine
+        assert decode.num_steps > 0, "the decode replica never ran"
+        prefill = s.shards[-2].engine.engine
+        assert prefill.kv.num_free_blocks == prefill.kv.num_blocks

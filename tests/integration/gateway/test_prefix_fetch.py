@@ -1,0 +1,85 @@
+"""Prefix reuse across replicas: a dialogue's next turn that lands on a replica
+without the dialogue's KV fetches the cached prefix from the replica that served
+the last turn (ExportKv -> local import into the prefix cache), and answers as if
+it had computed it; the fetch decision follows the link model."""
+
+from __future__ import annotations
+
+import grpc
+from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2, shard_pb2_grpc
+
+from serve.comm.linkmodel import LinkModel
+from serve.config import EngineConfig, ShardConfig
+from serve.shard.app import start_shard
+from serve.shard.kv_transfer import predict_fetch_s, should_fetch
+from tests.fixtures.servers import Servers, servers
+
+USER = "Tell me about the weather in the mountains near the lake. " * 6
+
+
+def _shard(s: Servers, prefix_fetch: str) -> str:
+    config = ShardConfig(
+        port=0, engine=EngineConfig(kv_cache_bytes=16 * 1024 * 1024), prefix_fetch=prefix_fetch
+    )
+    server = s.run(start_shard(config), 120)
+    s.shards.append(server)
+    return f"127.0.0.1:{server.port}"
+
+
+def _chat(target: str, messages: list[tuple[str, str]]) -> tuple[list[int], str, int]:
+    """(token ids, text, cached prompt tokens) of one greedy Chat turn in session s1."""
+    request = inference_pb2.ChatRequest(
+        messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+        sampling=inference_pb2.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+        session_id="s1",
+    )
+    ids: list[int] = []
+    text = ""
+    cached = 0
+    with grpc.insecure_channel(target) as channel:
+        for chunk in inference_pb2_grpc.InferenceStub(channel).Chat(request, timeout=60):
+            ids.extend(chunk.token_ids)
+            text += chunk.text
+            cached = chunk.usage.cached_prompt_tokens or cached
+    return ids, text, cached
+
+
+def test_next_turn_on_another_replica_fetches_the_prefix() -> None:
+    for s in servers():
+        replicas = [_shard(s, "always"), _shard(s, "always")]
+        gateway = s.gateway(replicas)
+        first = [("user", USER)]
+        _, answer, _ = _chat(gateway, first)
+        served = s.gateways[0].router.bound_replica("s1")
+        assert served in replicas
+        # Take the replica that holds the dialogue out of rotation (it still answers).
+        with grpc.insecure_channel(gateway) as channel:
+            shard_pb2_grpc.AdminStub(channel).Drain(shard_pb2.DrainRequest(replica=served))
+        second = [*first, ("assistant", answer), ("user", "And tomorrow?")]
+        ids, _, cached = _chat(gateway, second)
+        assert s.gateways[0].router.bound_replica("s1") != served
+        assert cached >= 64, f"only {cached} prompt tokens came from a cache"
+        # The same turn on a replica that computes everything itself.
+        fresh = s.gateway([_shard(s, "never")])
+        reference, _, fresh_cached = _chat(fresh, second)
+        assert fresh_cached == 0
+        assert ids == reference
+
+
+def test_the_link_model_decides_between_fetching_and_recomputing() -> None:
+    slow = LinkModel(alpha_s=1e-3, beta_bytes_per_s=100e6 / 8)  # 100 Mbit/s
+    fast = LinkModel(alpha_s=1e-4, beta_bytes_per_s=10e9 / 8)
+    numel = 4096 * 12 * 2 * 4 * 64  # 4k tokens of the small preset's KV
+    cpu_prefill_s = 4096 * 3e-3  # 3 ms a token
+    gpu_prefill_s = 4096 * 3e-6
+    codec_cost = 5e-9  # seconds per element to encode (and to decode)
+    none_s = predict_fetch_s(slow, numel, 4, 1.0, 1e-10, 1e-10)
+    int4_s = predict_fetch_s(slow, numel, 4, 0.1, codec_cost, codec_cost)
+    assert 7.5 < none_s < 8.5  # 100 MB at 100 Mbit/s
+    assert int4_s < none_s / 5
+    assert should_fetch(int4_s, cpu_prefill_s) and should_fetch(none_s, cpu_prefill_s)
+    # A GPU prefill beats moving fp32 KV over 100 Mbit/s (even int4) and over 10 Gbit/s.
+    assert not should_fetch(int4_s, gpu_prefill_s)
+    fast_s = predict_fetch_s(fast, numel, 4, 1.0, 1e-12, 1e-12)
+    assert 0.07 < fast_s < 0.09
+    assert should_fetch(fast_s, cpu_prefill_s) and not should_fetch(fast_s, gpu_prefill_s)
