@@ -190,6 +190,20 @@ def _checked_length(n: int, max_length: int | None, peer: int) -> int:
     return n
 
 
+def fits_direct(send: torch.Tensor, recv: torch.Tensor, max_bytes: int) -> bool:
+    """Whether a swap may take a direct (non-gloo) path of max_bytes: contiguous
+    CPU tensors on both sides, neither larger than the bound. Both ranks decide
+    alike, since a swap's receive on one side is the other's send."""
+    nbytes = max(send.numel() * send.element_size(), recv.numel() * recv.element_size())
+    return (
+        nbytes <= max_bytes
+        and send.device.type == "cpu"
+        and recv.device.type == "cpu"
+        and send.is_contiguous()
+        and recv.is_contiguous()
+    )
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 

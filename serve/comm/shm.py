@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serve.comm.collectives import Transport
+from serve.comm.collectives import Transport, fits_direct
 
 logger = logging.getLogger(__name__)
 
@@ -247,15 +247,7 @@ class ShmTransport(Transport):
         self._out.close()
 
     def exchange(self, send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
-        nbytes = max(send.numel() * send.element_size(), recv.numel() * recv.element_size())
-        if (
-            peer not in self._in
-            or nbytes > self.layout.slot_bytes
-            or send.device.type != "cpu"
-            or recv.device.type != "cpu"
-            or not send.is_contiguous()
-            or not recv.is_contiguous()
-        ):
+        if peer not in self._in or not fits_direct(send, recv, self.layout.slot_bytes):
             super().exchange(send, recv, peer)
             return
         n = self._count[peer] + 1

@@ -33,7 +33,7 @@ import struct
 
 import torch
 
-from serve.comm.collectives import Transport
+from serve.comm.collectives import Transport, fits_direct
 
 logger = logging.getLogger(__name__)
 
@@ -147,16 +147,8 @@ class SocketTransport(Transport):
         self._sockets.clear()
 
     def exchange(self, send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
-        nbytes = max(send.numel() * send.element_size(), recv.numel() * recv.element_size())
         sock = self._sockets.get(peer)
-        if (
-            sock is None
-            or nbytes > self.max_bytes
-            or send.device.type != "cpu"
-            or recv.device.type != "cpu"
-            or not send.is_contiguous()
-            or not recv.is_contiguous()
-        ):
+        if sock is None or not fits_direct(send, recv, self.max_bytes):
             super().exchange(send, recv, peer)
             return
         src = send.reshape(-1).view(torch.uint8).numpy()
