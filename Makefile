@@ -30,7 +30,8 @@ proto: $(STAMP)
 	$(BIN)/python -m serve.protogen
 
 bench: $(STAMP)
-	$(BIN)/shardwire bench serve --out bench-results/serve.json
+	$(BIN)/shardwire bench serve --dtype bfloat16 --out bench-results/serve.json
+	$(BIN)/shardwire bench serve --dtype float32 --out bench-results/serve-float32.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check serve clients tests

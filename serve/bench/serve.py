@@ -1,6 +1,8 @@
 """`shardwire bench serve`: serving throughput and latency against transformers.
 
-Side by side in one run, on the same weights (a preset with random weights):
+Side by side in one run, on the same weights (a preset with random weights) in
+the same dtype (bfloat16 by default, the usual serving dtype; `--dtype float32`
+for full precision):
 1. shardwire through the full gRPC path (`shardwire up` in a child process),
    at each concurrency level: tokens/s, TTFT and inter-token latency p50/p99;
 2. transformers `generate` in this process: one request at a time and static
@@ -158,13 +160,14 @@ def bench_transformers(hf, batch: int, prompts: list[list[int]], max_tokens: int
     )
 
 
-def hf_model_from_preset(model_name: str):
-    """A transformers LlamaForCausalLM holding exactly the preset's weights."""
+def hf_model_from_preset(model_name: str, dtype: str = "float32"):
+    """A transformers LlamaForCausalLM holding exactly the preset's weights (in `dtype`,
+    rounded from the same float32 draws as shardwire's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from serve.model.loader import load_model
 
-    ours = load_model(model_name)
+    ours = load_model(model_name, dtype=dtype)
     c = ours.config
     hc = LlamaConfig(
         vocab_size=c.vocab_size,
@@ -182,13 +185,17 @@ def hf_model_from_preset(model_name: str):
         eos_token_id=list(c.eos_token_ids),
     )
     hf = LlamaForCausalLM(hc).eval()
+    for param in hf.parameters():  # buffers (rotary frequencies) stay float32
+        param.data = param.data.to(ours.dtype)
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"weights do not map: missing {missing}, unexpected {unexpected}")
     return hf
 
 
-def start_server(model: str, port: int, max_num_seqs: int, num_threads: int) -> subprocess.Popen:
+def start_server(
+    model: str, port: int, max_num_seqs: int, num_threads: int, dtype: str = "float32"
+) -> subprocess.Popen:
     argv = [
         sys.executable,
         "-m",
@@ -204,6 +211,8 @@ def start_server(model: str, port: int, max_num_seqs: int, num_threads: int) -> 
         str(num_threads),
         "--max-num-seqs",
         str(max_num_seqs),
+        "--dtype",
+        dtype,
     ]
     return subprocess.Popen(argv, start_new_session=True)
 
@@ -236,6 +245,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="shardwire bench serve", description=__doc__)
     p.add_argument("--model", default="small", help="preset (the transformers side needs a preset)")
     p.add_argument("--concurrency", default="1,4,16,32")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="weights and activations of both systems",
+    )
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-level", type=int, default=0, help="0: max(2 x concurrency, 4)")
@@ -259,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     target = f"127.0.0.1:{port}"
     results: list[LevelResult] = []
     per_level = {c: args.requests_per_level or max(2 * c, 4) for c in levels}
-    proc = start_server(args.model, port, max(levels), args.num_threads)
+    proc = start_server(args.model, port, max(levels), args.num_threads, args.dtype)
     try:
         asyncio.run(wait_serving(target, 300, proc))
         warm = make_prompts(2, args.prompt_len, vocab, seed=99)
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_server(proc)
     if not args.skip_transformers:
-        hf = hf_model_from_preset(args.model)
+        hf = hf_model_from_preset(args.model, args.dtype)
         for c in levels:
             prompts = make_prompts(per_level[c], args.prompt_len, vocab, seed=c)
             r = bench_transformers(hf, c, prompts, args.max_tokens)
@@ -289,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"aggregate_c{top}_vs_single_stream"] = (
             ours[top].tokens_per_s / ours[1].tokens_per_s
         )
-    print(f"\nmodel={args.model} prompt_len={args.prompt_len} max_tokens={args.max_tokens}\n")
+    print(
+        f"\nmodel={args.model} dtype={args.dtype} prompt_len={args.prompt_len} "
+        f"max_tokens={args.max_tokens}\n"
+    )
     print(table)
     for k, v in summary.items():
         print(f"{k}: {v:.2f}x")
@@ -299,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "model": args.model,
+                "dtype": args.dtype,
                 "prompt_len": args.prompt_len,
                 "max_tokens": args.max_tokens,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

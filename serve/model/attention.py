@@ -11,7 +11,7 @@ padded batch; each prefill chunk is attended on its own (no padding waste).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,15 @@ class PrefillChunk:
     num_tokens: int
     context_len: int  # tokens in the sequence's KV after this step
     block_table: torch.Tensor  # [num_blocks_of_seq] int64
+    # Cache slots of the chunk's whole context, built by the first layer that needs them.
+    _context_slots: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def context_slots(self, block_size: int) -> torch.Tensor:
+        """Slots of tokens [0, context_len): [context_len] int64, the same for every layer."""
+        if self._context_slots is None:
+            pos = torch.arange(self.context_len)
+            self._context_slots = _slots(self.block_table, pos, block_size)
+        return self._context_slots
 
 
 @dataclass
@@ -33,6 +42,29 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor  # [num_decodes] int64
     prefills: list[PrefillChunk]
     block_size: int
+    # Per sliding window: the decode gather slots and mask, shared by every layer of a step.
+    _decode_index: dict[int | None, tuple[int, torch.Tensor | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def decode_index(self, sliding_window: int | None) -> tuple[int, torch.Tensor | None]:
+        """The longest decode context, and which of its positions each decode token
+        attends to ([nd, 1, 1, longest] bool; None when every position counts: one
+        sequence without a window). Built once per step."""
+        cached = self._decode_index.get(sliding_window)
+        if cached is not None:
+            return cached
+        lens = self.decode_context_lens  # [nd]
+        max_len = int(lens.max())
+        pos = torch.arange(max_len)
+        mask: torch.Tensor | None = None
+        if self.num_decode_tokens > 1 or sliding_window is not None:
+            m = pos[None, :] < lens[:, None]  # [nd, max_len]
+            if sliding_window is not None:
+                m &= pos[None, :] >= (lens[:, None] - sliding_window)
+            mask = m[:, None, None, :]
+        self._decode_index[sliding_window] = (max_len, mask)
+        return max_len, mask
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -47,6 +79,20 @@ def _gather(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, 
     """Keys and values at the given slots: [..., kv_heads, head_dim] each."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     kv = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)[:, slots]
+    return kv[0], kv[1]
+
+
+def _gather_blocks(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the first `length` tokens of each sequence, copied a whole
+    block at a time: [num_seqs, length, kv_heads, head_dim] each."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    nb = -(-length // block_size)
+    seqs = block_tables.shape[0]
+    blocks = block_tables[:, :nb].reshape(-1)
+    kv = kv_cache.view(2, num_blocks, -1).index_select(1, blocks)  # [2, seqs * nb, block]
+    kv = kv.view(2, seqs, nb * block_size, kv_heads, head_dim)[:, :, :length]
     return kv[0], kv[1]
 
 
@@ -71,28 +117,21 @@ def paged_attention(
     gqa = num_heads != kv_heads
     nd = meta.num_decode_tokens
     if nd:
-        lens = meta.decode_context_lens  # [nd]
-        max_len = int(lens.max())
-        pos = torch.arange(max_len)
-        slots = _slots(meta.decode_block_tables, pos, meta.block_size)  # [nd, max_len]
-        k, v = _gather(kv_cache, slots)  # [nd, max_len, kv_heads, d]
-        mask = pos[None, :] < lens[:, None]  # [nd, max_len]
-        if sliding_window is not None:
-            mask &= pos[None, :] >= (lens[:, None] - sliding_window)
+        max_len, mask = meta.decode_index(sliding_window)
+        k, v = _gather_blocks(kv_cache, meta.decode_block_tables, max_len)  # [nd, max_len, kvh, d]
         qd = q[:nd].unsqueeze(2)  # [nd, heads, 1, d]
         o = F.scaled_dot_product_attention(
             qd,
             k.transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
+            attn_mask=mask,
             scale=scale,
             enable_gqa=gqa,
         )
         out[:nd] = o.squeeze(2)
     for chunk in meta.prefills:
         s, n, ctx = chunk.start, chunk.num_tokens, chunk.context_len
-        pos = torch.arange(ctx)
-        k, v = _gather(kv_cache, _slots(chunk.block_table, pos, meta.block_size))  # [ctx, kvh, d]
+        k, v = _gather(kv_cache, chunk.context_slots(meta.block_size))  # [ctx, kvh, d]
         qc = q[s : s + n].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
         kc = k.transpose(0, 1).unsqueeze(0)
         vc = v.transpose(0, 1).unsqueeze(0)
@@ -101,6 +140,7 @@ def paged_attention(
                 qc, kc, vc, is_causal=True, scale=scale, enable_gqa=gqa
             )
         else:
+            pos = torch.arange(ctx)
             q_pos = torch.arange(ctx - n, ctx)
             mask = pos[None, :] <= q_pos[:, None]  # [n, ctx]
             if sliding_window is not None:

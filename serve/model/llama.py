@@ -21,6 +21,8 @@ from serve.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    fuse_rows,
+    linear,
 )
 from serve.model.overlap import forward_overlapped, micro_chunk_bounds
 
@@ -54,6 +56,8 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv, bias, group, dtype, kv_piece)
         self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv, bias, group, dtype, kv_piece)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, group, dtype)
+        # q, k and v in one matmul (the three parameters are views into it).
+        self.qkv_weight, self.qkv_bias = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -72,12 +76,11 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """This rank's share of the output [n, hidden], before the all-reduce."""
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q = RotaryEmbedding.apply(q, *rope)
-        k = RotaryEmbedding.apply(k, *rope)
+        n, h = x.shape[0], self.num_heads
+        kvh = self.num_kv_heads
+        qkv = linear(x, self.qkv_weight, self.qkv_bias).view(n, h + 2 * kvh, self.head_dim)
+        qk = RotaryEmbedding.apply(qkv[:, : h + kvh], *rope)  # queries and keys rotate alike
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh :]
         write_kv(kv_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)  # [n, heads, d]
         return self.o_proj.partial(o.reshape(n, self.num_heads * self.head_dim))
@@ -90,13 +93,16 @@ class MLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(h, i, False, group, dtype)
         self.up_proj = ColumnParallelLinear(h, i, False, group, dtype)
         self.down_proj = RowParallelLinear(i, h, group, dtype)
+        # gate and up in one matmul (the two parameters are views into it).
+        self.gate_up_weight, _ = fuse_rows(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.group.all_reduce(self.partial(x))
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output [n, hidden], before the all-reduce."""
-        return self.down_proj.partial(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj.partial(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
