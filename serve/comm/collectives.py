@@ -414,6 +414,9 @@ class Communicator:
         self.stats = CommStats()
         self._fixed: CodecSpec | None = None
         self._auto_cache: dict[tuple[int, int], CodecSpec] = {}
+        # Set by a micro-chunked step that `auto` sends uncompressed (every rank
+        # sets it for the same steps: serve.model.overlap).
+        self.exact_only = False
         if config.codec == AUTO:
             if link is None and world_size > 1:
                 raise ValueError("comm codec 'auto' needs a LinkModel (LinkModel.probe)")
@@ -480,7 +483,7 @@ class Communicator:
         """The codec this rank uses for x (None: the exact uncompressed path).
         A function of the size and dtype only, so every rank agrees."""
         nbytes = x.numel() * x.element_size()
-        if not x.is_floating_point():
+        if not x.is_floating_point() or self.exact_only:
             return None
         if self.config.codec == AUTO:
             if self.link is None or self.config.accuracy == "exact":

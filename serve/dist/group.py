@@ -52,6 +52,11 @@ class OverlapPolicy:
     # Cut a step only when its pieces' all-reduces are bound by the link (they go
     # uncompressed: no codec work competes with the next piece's matmuls).
     link_bound_only: bool = True
+    # Seconds of one decoder layer's matmuls per prompt token on the slowest rank
+    # (measured when the group forms; 0: unknown). With it, a step whose all-reduces
+    # `auto` would code may instead go uncompressed and cut, when hiding the link
+    # behind the next piece's compute is predicted to beat coding (serve.model.overlap).
+    layer_s_per_token: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -68,6 +73,9 @@ class ParallelGroup:
     comm: Collectives | None = None
     overlap: OverlapPolicy = field(default_factory=OverlapPolicy)
     _comm_thread: ThreadPoolExecutor | None = field(default=None, repr=False, compare=False)
+    # serve.model.overlap.exact_beats_coding's answers by step shape (the link and
+    # compute numbers it reads are fixed once the group forms).
+    exact_decisions: dict[tuple, bool] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def single(cls) -> ParallelGroup:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -22,6 +23,7 @@ from serve.dist.plan import PlanLimits
 from serve.engine.runner import ModelRunner, num_kv_blocks
 from serve.model.llama import LlamaForCausalLM
 from serve.model.loader import load_model
+from serve.model.overlap import measure_layer_s_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,18 @@ def load_rank(config: ShardConfig) -> tuple[LlamaForCausalLM, PlanChannel | None
     if tp.overlap_chunks > 1 and not torch.cuda.is_available():
         group.overlap = OverlapPolicy(tp.overlap_min_tokens, tp.overlap_chunks)
     check_same_overlap(group)
+    if group.overlap.enabled and tp.comm_codec == "auto":
+        per_token = slowest_rank(group, measure_layer_s_per_token(model, group.overlap.min_tokens))
+        group.overlap = dataclasses.replace(group.overlap, layer_s_per_token=per_token)
+        logger.info("layer compute %.1f us per prompt token (slowest rank)", per_token * 1e6)
     return model, PlanChannel(tp.rank, tp.size)
+
+
+def slowest_rank(group: ParallelGroup, seconds: float) -> float:
+    """The largest of every rank's `seconds` (the same number on every rank)."""
+    mine = torch.tensor([[round(seconds * 1e9)]], dtype=torch.int64)
+    every = group.comm.all_gather(mine, dim=0)  # type: ignore[union-attr]
+    return int(every.max()) / 1e9
 
 
 def check_same_overlap(group: ParallelGroup) -> None:

@@ -19,6 +19,8 @@ the plain path in the last bits: the policy keeps it off unless configured.
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
@@ -26,9 +28,12 @@ import torch
 
 from serve.dist.group import ParallelGroup
 from serve.model.attention import AttentionMetadata, PrefillChunk
+from serve.model.layers import linear
 
 if TYPE_CHECKING:
-    from serve.model.llama import LlamaModel
+    from serve.model.llama import LlamaForCausalLM, LlamaModel
+
+logger = logging.getLogger(__name__)
 
 
 def micro_chunk_bounds(
@@ -51,11 +56,93 @@ def micro_chunk_bounds(
     if bounds[1] < meta.num_decode_tokens:
         return None
     piece, whole = bounds[1] * hidden, num_tokens * hidden
+    if exact_beats_coding(group, piece, whole, k, num_tokens, dtype):
+        return bounds  # the step goes uncompressed (forward_overlapped)
     if _codec(group, piece, dtype) != _codec(group, whole, dtype):
         return None  # smaller messages would change codec (e.g. fall under a size threshold)
     if policy.link_bound_only and not link_bound(group, piece, dtype):
         return None
     return bounds
+
+
+def exact_beats_coding(
+    group: ParallelGroup, piece: int, whole: int, k: int, num_tokens: int, dtype: torch.dtype
+) -> bool:
+    """Whether a step that `auto` would send coded (no cut: the codec's CPU work
+    would compete with the next piece's matmuls) is predicted faster uncompressed
+    and cut into k pieces, its link time hidden behind compute. Per all-reduce,
+    with C the compute between two all-reduces (half a layer), x one piece's
+    uncompressed exchange and t the coded exchange of the whole message:
+
+        coded: C + t            cut, uncompressed: max(C, k * x)
+
+    (the pieces' exchanges run beside the next pieces' compute: the link is
+    hidden while k * x <= C, else it sets the pace; filling and draining that
+    pipeline happens once a step, not per all-reduce). Every rank holds the
+    same measured numbers, so every rank decides alike."""
+    comm = group.comm
+    link = getattr(comm, "link", None)
+    per_token = group.overlap.layer_s_per_token
+    if link is None or per_token <= 0 or getattr(comm, "config", None) is None:
+        return False
+    if comm.config.codec != "auto":  # type: ignore[union-attr]
+        return False
+    key = (piece, whole, k, num_tokens, dtype)
+    decisions = group.exact_decisions
+    known = decisions.get(key)
+    if known is not None:
+        return known
+    whole_codec = _codec(group, whole, dtype)
+    decision = False
+    if whole_codec != "none":
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        compute = per_token * num_tokens / 2
+        coded = compute + link.predict(whole_codec, whole * itemsize, itemsize)
+        x = link.predict("none", piece * itemsize, itemsize)
+        cut = max(compute, k * x)
+        decision = cut < coded
+        logger.info(
+            "auto, %d-token steps: %s (predicted per all-reduce: %s %.2f ms, "
+            "uncompressed in %d pieces %.2f ms)",
+            num_tokens,
+            "uncompressed, cut" if decision else whole_codec,
+            whole_codec,
+            coded * 1e3,
+            k,
+            cut * 1e3,
+        )
+    if len(decisions) < 4096:
+        decisions[key] = decision
+    return decision
+
+
+def measure_layer_s_per_token(model: LlamaForCausalLM, tokens: int, reps: int = 3) -> float:
+    """Seconds per token of one decoder layer's matmuls on this rank (its slice of
+    q/k/v, o, gate/up and down) for a step of `tokens` tokens: the compute an
+    all-reduce can hide behind. Attention itself is left out (a few percent of a
+    prefill step of this size)."""
+    layer = model.model.layers[0]
+    attn = layer.self_attn
+    gen = torch.Generator().manual_seed(0)
+    hidden = attn.qkv_weight.shape[1]
+    x = (torch.randn(tokens, hidden, generator=gen) * 0.02).to(model.dtype)
+    o_in = (torch.randn(tokens, attn.num_heads * attn.head_dim, generator=gen) * 0.02).to(
+        model.dtype
+    )
+
+    def run() -> None:
+        linear(x, attn.qkv_weight, attn.qkv_bias)
+        attn.o_proj.partial(o_in)
+        layer.mlp.partial(x)
+
+    best = float("inf")
+    with torch.inference_mode():
+        run()  # warm-up
+        for _ in range(reps):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+    return best / tokens
 
 
 def _codec(group: ParallelGroup, numel: int, dtype: torch.dtype) -> str:
@@ -113,6 +200,28 @@ def forward_overlapped(
 ) -> torch.Tensor:
     """LlamaModel.forward, piece by piece with the all-reduces of one piece
     overlapping the compute of the next. Returns [num_tokens, hidden]."""
+    group = model.group
+    w = model.embed_tokens.weight  # [vocab_local, hidden]
+    n, hidden = input_ids.numel(), w.shape[1]
+    exact = exact_beats_coding(group, bounds[1] * hidden, n * hidden, len(bounds) - 1, n, w.dtype)
+    comm = group.comm
+    if exact:
+        comm.exact_only = True  # type: ignore[union-attr]
+    try:
+        return _forward_pieces(model, input_ids, positions, kv_caches, meta, bounds)
+    finally:
+        if exact:
+            comm.exact_only = False  # type: ignore[union-attr]
+
+
+def _forward_pieces(
+    model: LlamaModel,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    kv_caches: list[torch.Tensor],
+    meta: AttentionMetadata,
+    bounds: list[int],
+) -> torch.Tensor:
     group = model.group
     spans = list(zip(bounds, bounds[1:], strict=False))
     metas = [split_metadata(meta, a, b) for a, b in spans]

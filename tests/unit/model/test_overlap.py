@@ -9,10 +9,18 @@ import copy
 import torch
 
 from serve.comm.codecs import CodecSpec
+from serve.comm.collectives import CommConfig
+from serve.comm.linkmodel import CodecCost, LinkModel
 from serve.dist.group import OverlapPolicy, ParallelGroup
 from serve.model.attention import AttentionMetadata, PrefillChunk
 from serve.model.loader import load_model
-from serve.model.overlap import link_bound, micro_chunk_bounds, split_metadata
+from serve.model.overlap import (
+    _codec,
+    exact_beats_coding,
+    link_bound,
+    micro_chunk_bounds,
+    split_metadata,
+)
 from tests.fixtures.paged import PagedStepper
 
 
@@ -117,3 +125,66 @@ def test_pieces_give_the_whole_steps_hidden_states() -> None:
     torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
     for a, b in zip(caches, stepper.kv_caches, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class AutoLocal(Local):
+    """A stand-in whose codec `auto` picks from a link model, honouring exact_only;
+    records whether each all-reduce was forced exact."""
+
+    def __init__(self, link: LinkModel) -> None:
+        super().__init__()
+        self.link = link
+        self.config = CommConfig(codec="auto", accuracy="lossy")
+        self.exact_only = False
+        self.forced: list[bool] = []
+
+    def spec_for(self, x: torch.Tensor) -> CodecSpec | None:
+        if self.exact_only:
+            return None
+        spec = self.link.choose(x.numel() * x.element_size(), "lossy", x.element_size())
+        return None if spec.name == "none" else spec
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.forced.append(self.exact_only)
+        return super().all_reduce(x)
+
+
+INT8_COST = CodecCost("int8", 20e-6, 2e-9, 10e-6, 1e-9, 0.516)
+
+
+def _auto_group(mbit: float, layer_s_per_token: float) -> tuple[ParallelGroup, AutoLocal]:
+    link = LinkModel(50e-6, mbit * 1e6 / 8, itemsize=4, costs=(CodecCost("none"), INT8_COST))
+    comm = AutoLocal(link)
+    policy = OverlapPolicy(min_tokens=256, num_chunks=2, layer_s_per_token=layer_s_per_token)
+    return ParallelGroup(0, 2, comm, policy), comm
+
+
+def test_auto_cuts_uncompressed_when_compute_hides_the_link() -> None:
+    meta = _meta(0, [], 512)
+    # 512 x 64 float32 = 128 KiB a message. Slow link: int8 wins and no cut.
+    slow, _ = _auto_group(10, layer_s_per_token=1e-6)
+    assert _codec(slow, 512 * 64, torch.float32) == "int8"
+    assert not exact_beats_coding(slow, 256 * 64, 512 * 64, 2, 512, torch.float32)
+    assert micro_chunk_bounds(meta, 512, slow, 64, torch.float32) is None
+    # Fast enough that int8 still pays uncut, but the compute between two all-reduces
+    # (512 x 200 us / 2) covers both pieces' uncompressed exchanges: cut, uncompressed.
+    fast, _ = _auto_group(300, layer_s_per_token=200e-6)
+    assert _codec(fast, 512 * 64, torch.float32) == "int8"
+    assert exact_beats_coding(fast, 256 * 64, 512 * 64, 2, 512, torch.float32)
+    assert micro_chunk_bounds(meta, 512, fast, 64, torch.float32) == [0, 256, 512]
+    # No compute figure (not measured): never.
+    unknown, _ = _auto_group(300, layer_s_per_token=0.0)
+    assert micro_chunk_bounds(meta, 512, unknown, 64, torch.float32) is None
+
+
+def test_a_step_cut_for_auto_goes_uncompressed_then_resets() -> None:
+    group, comm = _auto_group(300, layer_s_per_token=200e-6)
+    net = load_model("tiny", group=group)
+    stepper = PagedStepper(net, num_blocks=512, block_size=4, seed=3)
+    gen = torch.Generator().manual_seed(7)
+    # tiny's hidden size is 128: a 512-token message is 256 KiB in float32.
+    step = stepper.prepare(prefills=[(0, torch.randint(0, 264, (512,), generator=gen).tolist())])
+    with torch.inference_mode():
+        net(step.input_ids, step.positions, stepper.kv_caches, step.meta)
+    assert comm.forced and all(comm.forced)
+    assert not comm.exact_only  # reset after the step
