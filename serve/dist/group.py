@@ -20,7 +20,16 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from serve.dist.plan import HEADER_LEN, PlanLimits, StepPlan, check_header, pack, unpack
+from serve.dist.plan import (
+    HEADER_LEN,
+    MAX_BLOCKS_PER_SEQ,
+    PlanError,
+    PlanLimits,
+    StepPlan,
+    check_header,
+    pack,
+    unpack,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -192,13 +201,36 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 PLAN_STEP, PLAN_HEARTBEAT, PLAN_STOP = 0, 1, 2
+# KV moves of a TP replica: every rank reads (or writes) its KV heads of some tokens.
+PLAN_KV_READ, PLAN_KV_WRITE = 3, 4
+# Tokens one KV op may cover (KV moves go in chunks far below this).
+MAX_KV_OP_TOKENS = 1 << 16
+# KV travels between ranks as the integers of its bits (exact, any float dtype).
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class KvOp:
+    """Tokens [start, stop) of a sequence whose blocks are `block_table`, in one layer."""
+
+    layer: int
+    start: int
+    stop: int
+    block_table: list[int]
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_BITS[t.element_size()])
 
 
 class PlanChannel:
-    """Leader -> ranks: step plans, heartbeats while idle, and stop.
+    """Leader -> ranks: step plans, heartbeats while idle, and stop; and, between
+    steps, KV ops that read or write every rank's KV heads of a few tokens (KV
+    moves of a TP replica: the wire carries all heads, each rank holds its own).
 
     Each message is a kind tensor, then (for steps) the packed header and
-    payload. Two ranks use send/recv (far cheaper than broadcast on gloo)."""
+    payload, (for KV ops) the block table, then the KV itself. Two ranks use
+    send/recv (far cheaper than broadcast on gloo)."""
 
     def __init__(self, rank: int, size: int, heartbeat_s: float = 1.0) -> None:
         self.rank = rank
@@ -237,11 +269,74 @@ class PlanChannel:
     def stop(self) -> None:
         self._send(torch.tensor([PLAN_STOP] + [0] * HEADER_LEN))
 
-    def recv(self) -> tuple[int, StepPlan | None]:
+    def recv(self) -> tuple[int, StepPlan | KvOp | None]:
         msg = self._recv(torch.empty(1 + HEADER_LEN, dtype=torch.long))
         kind = int(msg[0])
+        if kind in (PLAN_KV_READ, PLAN_KV_WRITE):
+            return kind, self._recv_kv_op(msg[1:])
         if kind != PLAN_STEP:
             return kind, None
         header = msg[1:]
         payload = self._recv(torch.empty(check_header(header, self.limits), dtype=torch.long))
         return kind, unpack(header, payload, self.limits)
+
+    # -- KV ops ---------------------------------------------------------------------------
+
+    def _send_kv_op(self, kind: int, op: KvOp) -> None:
+        fields = [kind, op.layer, op.start, op.stop, len(op.block_table)]
+        self._send(torch.tensor(fields + [0] * (1 + HEADER_LEN - len(fields))))
+        self._send(torch.tensor(op.block_table, dtype=torch.long))
+        self._last_sent = time.monotonic()
+
+    def _recv_kv_op(self, header: torch.Tensor) -> KvOp:
+        """The op the leader announced, refused (PlanError) before anything sized by
+        it is allocated when it falls outside this rank's model and KV pool."""
+        layer, start, stop, table_len = (int(x) for x in header[:4])
+        limits = self.limits
+        if not 0 <= table_len <= MAX_BLOCKS_PER_SEQ:
+            raise PlanError(f"KV op: block table of {table_len} blocks")
+        if not 0 <= start < stop or stop - start > MAX_KV_OP_TOKENS:
+            raise PlanError(f"KV op: tokens [{start}, {stop})")
+        if limits is not None:
+            if stop > limits.max_model_len or -(-stop // limits.block_size) > table_len:
+                raise PlanError(f"KV op: tokens up to {stop} do not fit {table_len} blocks")
+            if limits.num_layers and layer >= limits.num_layers:
+                raise PlanError(f"KV op: layer {layer} of {limits.num_layers}")
+        if layer < 0:
+            raise PlanError(f"KV op: layer {layer}")
+        table = self._recv(torch.empty(table_len, dtype=torch.long))
+        if limits is not None and table_len and not (
+            0 <= int(table.min()) and int(table.max()) < limits.num_blocks
+        ):
+            raise PlanError(f"KV op: block ids outside the pool of {limits.num_blocks}")
+        return KvOp(layer, start, stop, table.tolist())
+
+    def kv_read(self, op: KvOp, mine: torch.Tensor) -> list[torch.Tensor]:
+        """Leader: every rank's KV of op ([2, n, local heads, head_dim] each, in rank
+        order); `mine` is the leader's own."""
+        self._send_kv_op(PLAN_KV_READ, op)
+        pieces = [mine]
+        for rank in range(1, self.size):
+            piece = torch.empty_like(as_bits(mine))
+            dist.recv(piece, src=rank)
+            pieces.append(piece.view(mine.dtype))
+        return pieces
+
+    def kv_read_reply(self, mine: torch.Tensor) -> None:
+        """A rank's part of kv_read: its KV of the op to the leader."""
+        dist.send(as_bits(mine), dst=0)
+
+    def kv_write(self, op: KvOp, kv: torch.Tensor) -> None:
+        """Leader: the KV of op, every head ([2, n, heads, head_dim]), to every rank."""
+        self._send_kv_op(PLAN_KV_WRITE, op)
+        self._send(torch.tensor(list(kv.shape), dtype=torch.long))
+        self._send(as_bits(kv))
+
+    def kv_write_recv(self, op: KvOp, heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """A rank's part of kv_write: the whole KV of op, every head."""
+        shape = self._recv(torch.empty(4, dtype=torch.long)).tolist()
+        if shape != [2, op.stop - op.start, heads, head_dim]:
+            raise PlanError(f"KV op: KV of shape {shape}, expected [2, {op.stop - op.start}, "
+                            f"{heads}, {head_dim}]")  # fmt: skip
+        bits = torch.empty(shape, dtype=_BITS[torch.empty((), dtype=dtype).element_size()])
+        return self._recv(bits).view(dtype)

@@ -54,6 +54,7 @@ class PlanLimits:
     num_blocks: int
     block_size: int
     max_model_len: int
+    num_layers: int = 0
 
 
 @dataclass

@@ -12,14 +12,17 @@ from serve.comm.collectives import CommConfig, Communicator
 from serve.comm.sockets import local_address
 from serve.config import ShardConfig
 from serve.dist.group import (
+    PLAN_KV_READ,
+    PLAN_KV_WRITE,
     PLAN_STEP,
     PLAN_STOP,
+    KvOp,
     OverlapPolicy,
     ParallelGroup,
     PlanChannel,
     init_process_group,
 )
-from serve.dist.plan import PlanLimits
+from serve.dist.plan import PlanLimits, StepPlan
 from serve.engine.runner import ModelRunner, num_kv_blocks
 from serve.model.llama import LlamaForCausalLM
 from serve.model.loader import load_model
@@ -89,9 +92,11 @@ def run_worker(runner: ModelRunner, channel: PlanChannel) -> None:
         if kind == PLAN_STOP:
             logger.info("rank %d stopping after %d steps", channel.rank, num_steps)
             return
-        if kind == PLAN_STEP and plan is not None:
+        if kind == PLAN_STEP and isinstance(plan, StepPlan):
             runner.run(plan)
             num_steps += 1
+        elif kind in (PLAN_KV_READ, PLAN_KV_WRITE) and isinstance(plan, KvOp):
+            runner.serve_kv_op(kind, plan, channel)
 
 
 def serve_worker(config: ShardConfig) -> int:
@@ -107,6 +112,7 @@ def serve_worker(config: ShardConfig) -> int:
         num_blocks=num_blocks,
         block_size=config.engine.block_size,
         max_model_len=min(config.engine.max_model_len or max_positions, max_positions),
+        num_layers=model.config.num_layers,
     )
     try:
         run_worker(runner, channel)

@@ -186,13 +186,6 @@ class LLMEngine:
 
     # -- KV moves (engine thread only; see serve.shard.kv_transfer) -------------------
 
-    def check_kv_moves(self) -> None:
-        """KV moves carry every KV head; a TP leader holds only its share."""
-        if self.model.group.size > 1:
-            raise FailedPrecondition(
-                f"KV moves need a replica of TP size 1 (this one has {self.model.group.size})"
-            )
-
     def _hold(self, request_id: str, num_tokens: int, token_ids: list[int]) -> KvSnapshot:
         blocks = -(-num_tokens // self.kv.block_size)
         table = self.kv.block_table(request_id)[:blocks]
@@ -476,6 +469,17 @@ class AsyncEngine:
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("call", (fn, done)))
         return await asyncio.wrap_future(done)
+
+    def call_sync(self, fn: Callable[[LLMEngine], T]) -> T:
+        """call() for a plain thread (not the event loop's): blocks until fn(engine) has
+        run on the engine thread; on the engine thread itself it runs at once."""
+        if threading.current_thread() is self._thread:
+            return fn(self.engine)
+        if not self.is_alive:
+            raise EngineDead("the engine is not running")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", (fn, done)))
+        return done.result()
 
     async def suspend(self, request_id: str, at_output_tokens: int = 0) -> Suspension | None:
         """Takes a request out of scheduling once it has at_output_tokens outputs (at

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from serve.config import EngineConfig
-from serve.dist.group import PlanChannel
+from serve.dist.group import PLAN_KV_READ, KvOp, ParallelGroup, PlanChannel
 from serve.dist.plan import StepPlan
 from serve.engine.request import Request
 from serve.engine.sampler import sample
 from serve.engine.scheduler import SchedulerOutput
 from serve.model.attention import AttentionMetadata, PrefillChunk, write_kv
-from serve.model.llama import LlamaForCausalLM
+from serve.model.llama import LlamaForCausalLM, kv_head_piece
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,15 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
         # Zeroed: padded attention reads unused slots (masked, but NaN * 0 is NaN).
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype) for _ in model.model.layers]
+        cfg, group = model.config, model.group
+        self.num_kv_heads = cfg.num_kv_heads  # every head, whatever the TP size
+        # This rank's KV heads are piece `index` of `count` ([index * local, ...));
+        # with fewer KV heads than ranks several ranks hold the same piece.
+        self._kv_piece = kv_head_piece(cfg.num_kv_heads, group)
+        pieces = [kv_head_piece(cfg.num_kv_heads, ParallelGroup(r, group.size))[0]
+                  for r in range(group.size)]  # fmt: skip
+        # The first rank holding each piece, in piece order (whose heads a gather takes).
+        self._piece_ranks = [pieces.index(i) for i in range(self._kv_piece[1])]
         self.taps: dict[str, KvTap] = {}
         # This step's tapped requests: (tap, block table, tokens with KV after the step).
         self._step_taps: list[tuple[KvTap, list[int], int]] = []
@@ -109,8 +118,54 @@ class ModelRunner:
         slots = kv_slots(block_table, start, start + k.shape[0], self.block_size)
         write_kv(cache, k.to(cache.dtype), v.to(cache.dtype), slots)
 
+    def read_kv_all(
+        self, layer: int, block_table: list[int], start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """read_kv with every KV head, [n, num_kv_heads, head_dim] each: a TP leader
+        gathers the other ranks' heads through the plan channel, so it must run on
+        the engine thread, between steps."""
+        k, v = self.read_kv(layer, block_table, start, stop)
+        if self.channel is None:
+            return k, v
+        pieces = self.channel.kv_read(
+            KvOp(layer, start, stop, list(block_table)), torch.stack((k, v))
+        )
+        kv = torch.cat([pieces[r] for r in self._piece_ranks], dim=2)  # [2, n, heads, head_dim]
+        return kv[0], kv[1]
+
+    def write_kv_all(
+        self, layer: int, block_table: list[int], start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """write_kv of every KV head ([n, num_kv_heads, head_dim] each); each rank of a
+        TP group keeps its own heads (engine thread only, between steps)."""
+        if self.channel is None:
+            self.write_kv(layer, block_table, start, k, v)
+            return
+        cache = self.kv_caches[layer]
+        kv = torch.stack((k, v)).to(cache.dtype)
+        op = KvOp(layer, start, start + k.shape[0], list(block_table))
+        self.channel.kv_write(op, kv)
+        self._write_own_heads(op, kv)
+
+    def _write_own_heads(self, op: KvOp, kv: torch.Tensor) -> None:
+        local = self.kv_caches[op.layer].shape[3]
+        own = kv[:, :, self._kv_piece[0] * local : (self._kv_piece[0] + 1) * local]
+        self.write_kv(op.layer, op.block_table, op.start, own[0], own[1])
+
+    def serve_kv_op(self, kind: int, op: KvOp, channel: PlanChannel) -> None:
+        """A non-leader rank's part of the leader's read_kv_all / write_kv_all."""
+        if kind == PLAN_KV_READ:
+            k, v = self.read_kv(op.layer, op.block_table, op.start, op.stop)
+            channel.kv_read_reply(torch.stack((k, v)))
+            return
+        cache = self.kv_caches[op.layer]
+        kv = channel.kv_write_recv(op, self.num_kv_heads, cache.shape[4], cache.dtype)
+        self._write_own_heads(op, kv)
+
     def add_tap(self, request_id: str, sink: KvSink) -> None:
         self.taps[request_id] = KvTap(sink, [0] * len(self.kv_caches))
+        if self.channel is not None:
+            return  # a TP leader reads tapped KV after the step (see _drain_taps)
         if not self._hooks:
             for index, layer in enumerate(self.model.model.layers):
                 self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
@@ -131,6 +186,17 @@ class ModelRunner:
                     tap.num_sent[index] = stop
 
         return after_layer
+
+    def _drain_taps(self) -> None:
+        """The tapped KV of a TP leader's step, every head, once the step is done (the
+        other ranks are back at the plan channel, so the heads can be gathered)."""
+        for index in range(len(self.kv_caches)):
+            for tap, table, stop in self._step_taps:
+                start = tap.num_sent[index]
+                if stop > start:
+                    k, v = self.read_kv_all(index, table, start, stop)
+                    tap.sink(index, start, k, v)
+                    tap.num_sent[index] = stop
 
     def prepare(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepPlan:
         bs = self.block_size
@@ -198,6 +264,8 @@ class ModelRunner:
             ]
         try:
             logits = self.run(plan)
+            if self._step_taps and self.channel is not None:
+                self._drain_taps()
         finally:
             self._step_taps = []
         reqs: list[Request] = list(out.decodes) + [

@@ -238,12 +238,32 @@ class KvTransfer:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def _encode(self, table: tuple[int, ...], codec: KvCodec, stats: MoveStats) -> Callable:
+    def _read_kv(
+        self, layer: int, table: list[int], start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every KV head, [n, kv_heads, head_dim] each, from a worker
+        thread. A TP=1 replica reads its cache directly (safe beside steps: held
+        blocks do not change); a TP leader gathers the other ranks' heads on the
+        engine thread, between steps."""
         runner = self.engine.engine.runner
+        if runner.channel is None:
+            return runner.read_kv(layer, table, start, stop)
+        return self.engine.call_sync(lambda e: e.runner.read_kv_all(layer, table, start, stop))
 
+    def _write_kv(
+        self, layer: int, table: list[int], start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Stores every KV head of staged tokens from a worker thread (see _read_kv)."""
+        runner = self.engine.engine.runner
+        if runner.channel is None:
+            runner.write_kv(layer, table, start, k, v)
+            return
+        self.engine.call_sync(lambda e: e.runner.write_kv_all(layer, table, start, k, v))
+
+    def _encode(self, table: tuple[int, ...], codec: KvCodec, stats: MoveStats) -> Callable:
         def encode(item: tuple[int, int, int]) -> shard_pb2.KvChunk:
             layer, start, stop = item
-            k, v = runner.read_kv(layer, list(table), start, stop)  # [n, kv_heads, head_dim]
+            k, v = self._read_kv(layer, list(table), start, stop)  # [n, kv_heads, head_dim]
             return _chunk(layer, start, k, v, codec, stats)
 
         return encode
@@ -278,7 +298,6 @@ class KvTransfer:
             for chunk in _probe_chunks(request.probe_bytes):
                 yield chunk
             return
-        await self.engine.call(lambda e: e.check_kv_moves())
         codec = _codec(request.codec)
         self._check_ids(request.request_id, request.prefix_token_ids)
         if request.request_id:
@@ -304,7 +323,6 @@ class KvTransfer:
 
     async def move(self, request: shard_pb2.MoveKvRequest) -> shard_pb2.MoveKvResponse:
         """MoveKv: pushes KV (and, when final, the request) into the target's ImportKv."""
-        await self.engine.call(lambda e: e.check_kv_moves())
         codec = _codec(request.codec)
         rid = request.request_id
         self._check_ids(rid, request.prefix_token_ids)
@@ -468,7 +486,6 @@ class KvTransfer:
         self._check_ids(rid, header.state.prompt_token_ids)
         if rid in self._importing:
             raise FailedPrecondition(f"KV of {rid!r} is already being imported")
-        await self.engine.call(lambda e: e.check_kv_moves())
         geometry = self._check_geometry(header.geometry)
         codec = _codec(header.codec)
         self._importing.add(rid)
@@ -563,12 +580,10 @@ class KvTransfer:
         return KvGeometry.named(theirs.num_kv_heads, theirs.head_dim, theirs.dtype)
 
     def _decode(self, geometry: KvGeometry, num_layers: int) -> Callable:
-        runner = self.engine.engine.runner
-
         def decode(item: tuple[shard_pb2.KvChunk, list[int]]) -> None:
             msg, table = item
             k, v = decode_kv(msg.key_frame, msg.value_frame, msg.num_tokens, geometry)
-            runner.write_kv(msg.layer, table, msg.start_token, k, v)
+            self._write_kv(msg.layer, table, msg.start_token, k, v)
 
         return decode
 
@@ -629,7 +644,6 @@ class KvTransfer:
         """Generate on a prefill replica: each layer's KV streams to `target` as it is
         computed, and after the first token the request moves there (the last output
         here is MIGRATED). If the target fails, the request simply goes on here."""
-        await self.engine.call(lambda e: e.check_kv_moves())
         codec = _codec(codec_name)
         loop = asyncio.get_running_loop()
         layers: asyncio.Queue = asyncio.Queue()
@@ -754,7 +768,6 @@ class KvTransfer:
 
     async def _fetch_prefix(self, rid: str, prompt: list[int], source: str, codec: KvCodec) -> int:
         engine = self.engine.engine
-        await self.engine.call(lambda e: e.check_kv_moves())
         bs = engine.kv.block_size
         usable = prompt[: (len(prompt) - 1) // bs * bs]  # one token is always computed
         local = await self.engine.call(lambda e: e.cached_prefix_tokens(usable))
