@@ -353,7 +353,8 @@ def decode_from_uint8(
         raw = zstd_decompress(
             memoryview(buf.cpu().contiguous().numpy()), _expected(dtype, shape, spec)
         )
-        return _decode_inner(bytes_to_uint8(raw).to(buf.device), dtype, tuple(shape), spec)
+        owned = bytes_to_uint8(raw).to(buf.device)
+        return _decode_inner(owned, dtype, tuple(shape), spec, owned=True)
     return _decode_inner(buf, dtype, tuple(shape), spec)
 
 
@@ -370,7 +371,8 @@ def decode_bytes(
         data = zstd_decompress(data, expected)
     elif len(data) != expected:
         raise CodecError(f"{spec.name} payload is {len(data)} bytes, expected {expected}")
-    return _decode_inner(bytes_to_uint8(data).to(device), dtype, tuple(shape), spec)
+    owned = bytes_to_uint8(data).to(device)  # a fresh copy of data
+    return _decode_inner(owned, dtype, tuple(shape), spec, owned=True)
 
 
 def _expected(dtype: torch.dtype, shape: tuple[int, ...] | torch.Size, spec: CodecSpec) -> int:
@@ -409,14 +411,22 @@ def _encode_inner(x: torch.Tensor, spec: CodecSpec) -> torch.Tensor:
 
 
 def _decode_inner(
-    inner: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], spec: CodecSpec
+    inner: torch.Tensor,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    spec: CodecSpec,
+    *,
+    owned: bool = False,
 ) -> torch.Tensor:
+    """The tensor back from an unzstd'ed payload. `owned`: inner is a fresh copy
+    nobody else holds, so `none` may return a view of it instead of another copy."""
     n = math.prod(shape)
     expected = inner_nbytes(n, dtype, spec)
     if inner.numel() != expected:
         raise CodecError(f"{spec.name} payload is {inner.numel()} bytes, expected {expected}")
     if spec.name == "none":
-        return _view(inner, dtype).reshape(shape).clone()
+        x = _view(inner, dtype).reshape(shape)
+        return x if owned else x.clone()
     if spec.name == "lossless":
         return _unshuffle(inner, dtype, n).reshape(shape)
     if spec.name == "kmeans4":

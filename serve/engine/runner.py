@@ -105,9 +105,12 @@ class ModelRunner:
         held (written KV never changes while its blocks are held)."""
         cache = self.kv_caches[layer]  # [2, blocks, block_size, kv_heads, head_dim]
         _, num_blocks, bs, heads, dim = cache.shape
-        slots = kv_slots(block_table, start, stop, bs)
-        kv = cache.view(2, num_blocks * bs, heads, dim)[:, slots]  # [2, n, kv_heads, head_dim]
-        return kv[0], kv[1]
+        # Whole blocks are copied (a block is contiguous), then the tokens cut out.
+        first, last = start // bs, -(-stop // bs)
+        blocks = torch.tensor(block_table[first:last], dtype=torch.long)
+        kv = cache.view(2, num_blocks, bs * heads * dim).index_select(1, blocks)
+        kv = kv.view(2, (last - first) * bs, heads, dim)[:, start - first * bs : stop - first * bs]
+        return kv[0], kv[1]  # [n, kv_heads, head_dim] each
 
     def write_kv(
         self, layer: int, block_table: list[int], start: int, k: torch.Tensor, v: torch.Tensor
