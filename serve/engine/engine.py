@@ -225,6 +225,7 @@ class LLMEngine:
         pending = self._suspend_at.pop(request_id, None)
         if pending is not None:
             pending[1].cancel()
+            self.runner.remove_tap(request_id)
 
     def _check_suspensions(self) -> None:
         for request_id, (at, done) in list(self._suspend_at.items()):
@@ -364,7 +365,7 @@ class Handoff:
     suspended: concurrent.futures.Future
 
 
-def _undo_suspend(engine: LLMEngine, request_id: str, done: concurrent.futures.Future) -> None:
+def undo_suspend(engine: LLMEngine, request_id: str, done: concurrent.futures.Future) -> None:
     """A mover gave up: cancel its pending suspension, or resume the request here."""
     engine.cancel_suspend(request_id)
     if done.done() and not done.cancelled() and done.exception() is None:
@@ -490,7 +491,7 @@ class AsyncEngine:
         try:
             return await asyncio.shield(asyncio.wrap_future(done))
         except asyncio.CancelledError:
-            self._commands.put(("call", (lambda engine: _undo_suspend(engine, request_id, done),
+            self._commands.put(("call", (lambda engine: undo_suspend(engine, request_id, done),
                                          concurrent.futures.Future())))  # fmt: skip
             raise
 

@@ -190,7 +190,7 @@ class Generation:
             target = router.decode_target({replica.address})
             if target is not None:
                 request.handoff_target = target.address
-                flight.expect_handover(target)
+                flight.prefill_handover = flight.expect_handover(target)
         bound = router.replica(router.bound_replica(session_id))
         if bound is not None and bound is not replica and bound.is_healthy:
             request.prefix_source = bound.address  # cordoned replicas still answer
@@ -232,6 +232,7 @@ async def _upstream(
                     resumed_at = None
                 flight.last_token_at = now
             migrated = migrated or msg.migrated
+            flight.saw_output(msg.num_output_tokens, msg.migrated)
             yield msg, ids
         if not migrated:
             return

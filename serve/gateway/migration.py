@@ -53,6 +53,8 @@ class Flight:
         self.num_delivered = 0
         # Resolves to the replica a hand-over went to (None: no hand-over).
         self.handover: asyncio.Future[ReplicaClient | None] | None = None
+        # The hand-over a prefill replica makes after its first token, while expected.
+        self.prefill_handover: asyncio.Future[ReplicaClient | None] | None = None
         self.last_token_at: float | None = None
         # The replica call the request's tokens come from now.
         self.call: object | None = None
@@ -84,6 +86,18 @@ class Flight:
         """A move that did not happen: the request may move again later."""
         if self.handover is handover:
             self.handover = None
+        if self.prefill_handover is handover:
+            self.prefill_handover = None
+
+    def saw_output(self, num_output_tokens: int, migrated: bool) -> None:
+        """A chunk from the replica the request runs on. A prefill replica hands a
+        request over at its first output token; a second token from it without
+        `migrated` means the hand-over failed and the request stays: it may move later."""
+        expected = self.prefill_handover
+        if expected is not None and num_output_tokens > 1 and not migrated:
+            logger.info("[%s] prefill hand-over did not happen; decoding stays on %s",
+                        self.request_id, self.replica.address)  # fmt: skip
+            self.clear_handover(expected)
 
     def expect_handover(self, target: ReplicaClient | None = None) -> asyncio.Future:
         """A new hand-over: resolved now when the target is known up front."""
@@ -100,7 +114,7 @@ class Flight:
             target = await asyncio.wait_for(asyncio.shield(self.handover), HANDOVER_WAIT_S)
         except TimeoutError:
             target = None
-        self.handover = None
+        self.handover = self.prefill_handover = None
         if target is None:
             raise Unavailable("the request was handed over, but the move did not complete")
         return target

@@ -50,7 +50,14 @@ from serve.comm.kv_codecs import (
 )
 from serve.comm.linkmodel import LinkModel
 from serve.comm.streaming import PipelinedSink, StageClock, pipelined_map
-from serve.engine.engine import AsyncEngine, Handoff, KvSnapshot, LLMEngine, Suspension
+from serve.engine.engine import (
+    AsyncEngine,
+    Handoff,
+    KvSnapshot,
+    LLMEngine,
+    Suspension,
+    undo_suspend,
+)
 from serve.engine.request import RequestOutput, RequestState, SamplingParams
 from serve.errors import FailedPrecondition, InvalidArgument, ShardwireError, Unavailable
 
@@ -726,11 +733,9 @@ class KvTransfer:
         try:
             await self._stream_to(target, messages())
         except BaseException as exc:  # noqa: BLE001 - the request goes on here
-            if suspension is None and done.done() and not done.cancelled():
-                suspension = done.result()
-            if suspension is not None:
-                await self.engine.call(lambda e: e.release(suspension.snapshot))
-                await self.engine.resume_suspended(rid)
+            # A pause not taken yet (the push failed before the first token) is
+            # cancelled; one taken is undone: the request resumes here either way.
+            await self.engine.call(lambda e: undo_suspend(e, rid, suspended))
             if not isinstance(exc, _HandoffVoid | asyncio.CancelledError):
                 logger.warning("[%s] hand-over to %s failed (%s); decoding here", rid, target,
                                _describe(exc))  # fmt: skip

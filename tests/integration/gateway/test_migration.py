@@ -213,3 +213,36 @@ def test_disaggregated_prefill_gives_the_colocated_tokens() -> None:
         assert decode.num_steps > 0, "the decode replica never ran"
         prefill = s.shards[-2].engine.engine
         assert prefill.kv.num_free_blocks == prefill.kv.num_blocks
+
+
+def test_a_request_whose_prefill_hand_over_failed_can_move_later() -> None:
+    """The decode replica cannot hold the prompt, so the prefill replica keeps the
+    request after its first token; an explicit move then takes it to a third one."""
+    for s in servers():
+        started = []
+        for role, engine in (
+            ("prefill", EngineConfig(kv_cache_bytes=16 * 1024 * 1024)),
+            ("decode", EngineConfig(num_kv_blocks=4)),  # 64 tokens: too few to stage
+            ("both", EngineConfig(kv_cache_bytes=16 * 1024 * 1024)),
+        ):
+            server = s.run(start_shard(ShardConfig(port=0, engine=engine, role=role)), 120)
+            s.shards.append(server)
+            started.append(f"127.0.0.1:{server.port}")
+        prefill, _, third = started
+        target = s.gateway(started, kv_codec="lossless")
+        prompt = (PROMPT * 3)[:100]
+        reference = _run(s.gateway([third]), prompt=prompt)
+        stream = Stream(target, prompt).start()
+        assert stream.started.wait(30)
+        deadline = time.monotonic() + 30
+        while len(stream.tokens) < 3:  # past the hand-over point: it stayed on prefill
+            assert time.monotonic() < deadline, (stream.code, stream.tokens)
+            time.sleep(0.01)
+        request = shard_pb2.MigrateRequest(
+            request_id=stream.request_id, target=third, kv_codec="lossless"
+        )
+        moved = _admin(target).Migrate(request, timeout=60)
+        assert (moved.source, moved.target) == (prefill, third)
+        stream.join()
+        assert stream.code == "OK"
+        assert stream.tokens == reference
