@@ -68,8 +68,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KV_CODEC = "lossless"
 # A chunk holds one layer's KV of whole key groups, about CHUNK_BYTES per frame: large
-# enough that per-chunk overheads vanish, small enough to keep the stages overlapping.
-CHUNK_BYTES = 256 * 1024
+# enough that per-chunk overheads vanish, small enough to keep the stages overlapping
+# (`shardwire bench kv`, 4080 tokens, lossy codecs: 1 MiB chunks moved 15-30% faster
+# than 256 KiB ones; a message of two frames stays well under gRPC's 4 MiB cap).
+CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_TOKENS = 1024
 # A staged request not resumed (or a pre-copy not finished) within this is dropped.
 STAGED_TTL_S = 60.0
