@@ -63,7 +63,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pause-reps", type=int, default=3)
     p.add_argument("--pause-prompt", type=int, default=1024, help="prompt tokens of the stream")
     p.add_argument("--pause-at", type=int, default=24, help="tokens before the move starts")
-    p.add_argument("--pause-tokens", type=int, default=64, help="tokens of the stream")
+    p.add_argument(
+        "--pause-tokens",
+        type=int,
+        default=160,
+        help="tokens of the stream (it must outlast the pre-copy on the slowest link)",
+    )
     p.add_argument("--agreement-codecs", default="none,lossless,int8,int8+zstd,int4,int4+zstd")
     p.add_argument("--agreement-prompts", type=int, default=3)
     p.add_argument("--agreement-tokens", type=int, default=128)
