@@ -181,12 +181,7 @@ class ModelRunner:
 
     def _layer_hook(self, index: int) -> Callable[..., None]:
         def after_layer(*_: object) -> None:
-            for tap, table, stop in self._step_taps:
-                start = tap.num_sent[index]
-                if stop > start:
-                    k, v = self.read_kv(index, table, start, stop)
-                    tap.sink(index, start, k, v)
-                    tap.num_sent[index] = stop
+            self._feed_taps(index, self.read_kv)
 
         return after_layer
 
@@ -194,12 +189,18 @@ class ModelRunner:
         """The tapped KV of a TP leader's step, every head, once the step is done (the
         other ranks are back at the plan channel, so the heads can be gathered)."""
         for index in range(len(self.kv_caches)):
-            for tap, table, stop in self._step_taps:
-                start = tap.num_sent[index]
-                if stop > start:
-                    k, v = self.read_kv_all(index, table, start, stop)
-                    tap.sink(index, start, k, v)
-                    tap.num_sent[index] = stop
+            self._feed_taps(index, self.read_kv_all)
+
+    def _feed_taps(
+        self, index: int, read: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Hands each tapped request the KV of layer `index` it has not had yet."""
+        for tap, table, stop in self._step_taps:
+            start = tap.num_sent[index]
+            if stop > start:
+                k, v = read(index, table, start, stop)
+                tap.sink(index, start, k, v)
+                tap.num_sent[index] = stop
 
     def prepare(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepPlan:
         bs = self.block_size

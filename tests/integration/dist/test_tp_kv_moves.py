@@ -20,7 +20,13 @@ from serve.config import CLUSTER_SECRET_ENV, EngineConfig, ShardConfig, TPConfig
 from serve.launch import free_port, shard_argv, wait_serving
 from serve.shard.app import start_shard
 from tests.fixtures.servers import Servers, idle_free_blocks, servers, shard_status
-from tests.integration.gateway.test_migration import MAX_TOKENS, MIGRATE_AT, Stream, _admin, _run
+from tests.integration.gateway.test_migration import (
+    MAX_TOKENS,
+    MIGRATE_AT,
+    Stream,
+    _migrated_run,
+    _run,
+)
 
 SECRET = secrets.token_urlsafe(16)
 
@@ -70,19 +76,6 @@ def mixed() -> Iterator[tuple[Servers, str, str, str]]:
             yield s, tp2, tp1, s.gateway([tp2, tp1], cluster_secret=SECRET)
 
 
-def _moved(target: str, prompt: list[int], codec: str) -> tuple[list[int], str, str]:
-    stream = Stream(target, prompt).start()
-    assert stream.started.wait(30)
-    request = shard_pb2.MigrateRequest(
-        request_id=stream.request_id, at_output_token=MIGRATE_AT, kv_codec=codec
-    )
-    moved = _admin(target).Migrate(request, timeout=60)
-    stream.join()
-    assert stream.code == "OK"
-    assert moved.num_output_tokens == MIGRATE_AT
-    return stream.tokens, moved.source, moved.target
-
-
 @pytest.mark.parametrize("codec", ["none", "lossless"])
 def test_moves_between_tp2_and_tp1_keep_the_tokens(mixed, codec: str) -> None:
     s, tp2, tp1, target = mixed
@@ -95,10 +88,11 @@ def test_moves_between_tp2_and_tp1_keep_the_tokens(mixed, codec: str) -> None:
         if blocker is not None:
             assert blocker.started.wait(30)
         reference = _run(target, prompt=prompt)
-        tokens, source, dest = _moved(target, prompt, codec)
+        tokens, moved = _migrated_run(target, codec, prompt=prompt)
+        assert moved.num_output_tokens == MIGRATE_AT
         assert len(tokens) == MAX_TOKENS
-        assert tokens == reference, f"{source} -> {dest}"
-        directions.add((source, dest))
+        assert tokens == reference, f"{moved.source} -> {moved.target}"
+        directions.add((moved.source, moved.target))
         if blocker is not None:
             assert blocker.join().code == "OK"
     assert directions == {(tp2, tp1), (tp1, tp2)}

@@ -97,7 +97,9 @@ def _run(target: str, **kwargs: object) -> list[int]:
     return stream.tokens
 
 
-def _migrated_run(target: str, codec: str, **kwargs: object) -> tuple[list[int], int]:
+def _migrated_run(
+    target: str, codec: str, **kwargs: object
+) -> tuple[list[int], shard_pb2.MigrateResponse]:
     stream = Stream(target, **kwargs).start()  # type: ignore[arg-type]
     assert stream.started.wait(30)
     request = shard_pb2.MigrateRequest(
@@ -108,7 +110,7 @@ def _migrated_run(target: str, codec: str, **kwargs: object) -> tuple[list[int],
     assert stream.code == "OK"
     assert stream.finish_reason == inference_pb2.FINISH_REASON_LENGTH
     assert moved.target and moved.target != moved.source
-    return stream.tokens, moved.num_output_tokens
+    return stream.tokens, moved
 
 
 @pytest.mark.parametrize(
@@ -121,8 +123,8 @@ def test_migration_at_token_40_gives_the_unmigrated_tokens(
     s, shards, target = stack
     sampling = {"prompt": PROMPT, "temperature": temperature, "seed": seed}
     reference = _run(target, **sampling)
-    tokens, at = _migrated_run(target, codec, **sampling)
-    assert at == MIGRATE_AT
+    tokens, moved = _migrated_run(target, codec, **sampling)
+    assert moved.num_output_tokens == MIGRATE_AT
     assert len(tokens) == MAX_TOKENS
     assert tokens == reference
     for shard in shards:  # every block back on both replicas
@@ -134,8 +136,8 @@ def test_lossy_kv_codecs_report_their_agreement(stack) -> None:
     sampling = {"prompt": PROMPT, "temperature": 0.0}
     reference = _run(target, **sampling)
     for codec in ("int8", "int8+zstd", "int4", "int4+zstd"):
-        tokens, at = _migrated_run(target, codec, **sampling)
-        assert at == MIGRATE_AT and len(tokens) == MAX_TOKENS
+        tokens, moved = _migrated_run(target, codec, **sampling)
+        assert moved.num_output_tokens == MIGRATE_AT and len(tokens) == MAX_TOKENS
         assert tokens[:MIGRATE_AT] == reference[:MIGRATE_AT]
         after = sum(a == b for a, b in zip(tokens, reference, strict=True)) - MIGRATE_AT
         print(f"{codec}: {after}/{MAX_TOKENS - MIGRATE_AT} tokens after the move agree")
