@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from serve.bench.stats import names, percentile
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = (
@@ -75,17 +77,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 # -- one rank -------------------------------------------------------------------
@@ -184,7 +175,7 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         transport = Transport(rank, world)
         model = LinkModel.probe(transport, rank, world, zstd_level=args.zstd_level)
-        methods = _names(args.methods)
+        methods = names(args.methods)
         comms = {
             m: Communicator(
                 rank,
@@ -439,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.bench.netns import NetnsUnavailable
 
-    methods = _names(args.methods)
-    links = _names(args.links)
+    methods = names(args.methods)
+    links = names(args.links)
     report = {
         "meta": {
             "cpus": os.cpu_count(),

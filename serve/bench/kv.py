@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import platform
 import random
@@ -39,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from serve.bench.stats import median, names
 
 if TYPE_CHECKING:
     from serve.bench.netns import NetnsPair
@@ -83,18 +84,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gateway", default="", help=argparse.SUPPRESS)
     p.add_argument("--client-out", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def median(values: list[float]) -> float:
-    s = sorted(values)
-    if not s:
-        return math.nan
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 # -- the client (next to the source) -------------------------------------------------
@@ -160,13 +149,13 @@ async def _moves(args: argparse.Namespace) -> tuple[list[MoveRow], dict[int, flo
         status = await stub.Status(shard_pb2.StatusRequest(), timeout=30)
         bs = status.block_size
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[status.kv_geometry.dtype]
-        for context in [int(c) for c in _names(args.contexts)]:
+        for context in [int(c) for c in names(args.contexts)]:
             context = context // bs * bs
             prompt = [rng.choice(PRINTABLE) for _ in range(context + 1)]
             prefill_s[context] = await _prefill(stub, prompt)
             prefix = prompt[:context]
             n = 0
-            for codec in _names(args.codecs):
+            for codec in names(args.codecs):
                 for mode in ("pipelined", "sequential"):
                     best: shard_pb2.MoveKvResponse | None = None
                     for _ in range(args.reps + (1 if n == 0 else 0)):  # one warm-up move
@@ -214,7 +203,7 @@ async def _pauses(args: argparse.Namespace) -> list[PauseRow]:
     async with grpc.aio.insecure_channel(args.gateway) as channel:
         inference = inference_pb2_grpc.InferenceStub(channel)
         admin = shard_pb2_grpc.AdminStub(channel)
-        for codec in _names(args.pause_codecs):
+        for codec in names(args.pause_codecs):
             for _ in range(args.pause_reps):
                 prompt = [rng.choice(PRINTABLE) for _ in range(args.pause_prompt)]
                 request = inference_pb2.GenerateRequest(
@@ -301,7 +290,7 @@ async def _agreement(args: argparse.Namespace) -> list[AgreementRow]:
         inference = inference_pb2_grpc.InferenceStub(channel)
         admin = shard_pb2_grpc.AdminStub(channel)
         references = [(await _stream_tokens(inference, admin, p, args, ""))[0] for p in prompts]
-        for codec in _names(args.agreement_codecs):
+        for codec in names(args.agreement_codecs):
             agreeing = exact = 0
             ats: list[int] = []
             for prompt, reference in zip(prompts, references, strict=True):
@@ -326,7 +315,7 @@ async def _client(args: argparse.Namespace) -> dict:
         await wait_serving(address, 600)
     moves, prefill_s = await _moves(args)
     pauses = await _pauses(args) if args.pause_reps > 0 else []
-    agreement = await _agreement(args) if _names(args.agreement_codecs) else []
+    agreement = await _agreement(args) if names(args.agreement_codecs) else []
     return {
         "moves": [asdict(r) for r in moves],
         "pauses": [asdict(r) for r in pauses],
@@ -574,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="shardwire-bench-kv-") as tmp:
         logs = Path(args.logs or tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        for run, link in enumerate(_names(args.links)):
+        for run, link in enumerate(names(args.links)):
             print(f"link {_link_name(link)}:", flush=True)
             results[link] = run_link(args, link, logs, run)
     text = report(results)

@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from serve.bench.stats import percentile
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,14 +43,6 @@ class LevelResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
-    return s[k]
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

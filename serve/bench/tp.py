@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from serve.bench.stats import median, names, percentile
+
 if TYPE_CHECKING:
     from clients.client import AsyncClient
     from serve.bench.netns import NetnsPair
@@ -86,25 +88,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--target", default="", help=argparse.SUPPRESS)
     p.add_argument("--client-out", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return math.nan
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
-
-
-def median(values: list[float]) -> float:
-    s = sorted(values)
-    if not s:
-        return math.nan
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 # -- the client (inside namespace A) ----------------------------------------------
@@ -517,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.bench.netns import NetnsUnavailable
 
-    codecs = _names(args.codecs)
-    rates = [float(r) for r in _names(args.rate_mbit)]
+    codecs = names(args.codecs)
+    rates = [float(r) for r in names(args.rate_mbit)]
     report: dict = {
         "meta": {
             **{k: v for k, v in vars(args).items() if k not in ("client", "target", "client_out")},

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from serve.bench.stats import median
+
 if TYPE_CHECKING:  # torch loads lazily: `--help` and the driver stay light
     import torch
 
@@ -330,7 +332,7 @@ def time_steps(
     return {
         str(k): {
             "pieces": cut[k] or 1,  # what the step was cut into (1: whole)
-            "median_ms": _median(v) * 1e3,
+            "median_ms": median(v) * 1e3,
             "min_ms": min(v, default=math.nan) * 1e3,
             "times_ms": [t * 1e3 for t in v],
             "max_abs_logit_diff": float((logits[k] - base).abs().max()),
@@ -349,14 +351,6 @@ def overlap_policy(num_chunks: int) -> OverlapPolicy:
     return OverlapPolicy(
         min_tokens=1, num_chunks=num_chunks, min_chunk_tokens=1, link_bound_only=False
     )
-
-
-def _median(v: list[float]) -> float:
-    s = sorted(v)
-    if not s:
-        return math.nan
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 # -- both ranks -------------------------------------------------------------------
