@@ -26,21 +26,11 @@ from pathlib import Path
 
 import torch
 
-from serve.comm.codecs import CodecSpec, decode, encode
+from serve.comm.codecs import BLOCK_LABELS, CodecSpec, decode, encode
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CODECS = (
-    "none",
-    "lossless",
-    "int8",
-    "int8+zstd",
-    "fp8",
-    "fp8+zstd",
-    "int4",
-    "int4+zstd",
-    "kmeans4",
-)
+DEFAULT_CODECS = (*BLOCK_LABELS, "kmeans4")
 KMEANS_RIVALS = ((0, "kmeans4"), (32, "int4"), (128, "int4"), (256, "int4"))
 
 

@@ -81,6 +81,13 @@ if sys.byteorder != "little":  # payloads are raw tensor memory, defined little-
 CODECS: tuple[str, ...] = ("none", "lossless", "int8", "fp8", "int4", "kmeans4")
 LOSSLESS: frozenset[str] = frozenset({"none", "lossless"})
 LOSSY: frozenset[str] = frozenset(CODECS) - LOSSLESS
+# Every label but the codebook codec's: the exact codecs, then each blockwise lossy
+# codec bare and with zstd. What `auto` chooses from and what KV moves may use.
+BLOCK_LABELS: tuple[str, ...] = (
+    "none",
+    "lossless",
+    *(f"{name}{zstd}" for name in ("int8", "fp8", "int4") for zstd in ("", "+zstd")),
+)
 
 # Float dtypes every codec takes; the exact codecs also carry integer tensors.
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)

@@ -34,21 +34,12 @@ from dataclasses import dataclass
 import torch
 
 from serve.comm import frames
-from serve.comm.codecs import CodecError, CodecSpec
+from serve.comm.codecs import BLOCK_LABELS, CodecError, CodecSpec
 
 logger = logging.getLogger(__name__)
 
 # Codecs a KV move may use (kmeans4 fits one codebook per tensor: no per-channel scales).
-KV_CODECS: tuple[str, ...] = (
-    "none",
-    "lossless",
-    "int8",
-    "int8+zstd",
-    "fp8",
-    "fp8+zstd",
-    "int4",
-    "int4+zstd",
-)
+KV_CODECS: tuple[str, ...] = BLOCK_LABELS
 # Tokens one key scale covers (a shorter chunk: all of its tokens).
 KEY_GROUP = 64
 FP16_ITEMSIZE = 2

@@ -36,7 +36,7 @@ from functools import cache
 
 import torch
 
-from serve.comm.codecs import CodecSpec, decode_from_uint8, encode_to_uint8
+from serve.comm.codecs import BLOCK_LABELS, CodecSpec, decode_from_uint8, encode_to_uint8
 from serve.comm.collectives import (
     CommConfig,
     Communicator,
@@ -49,16 +49,7 @@ logger = logging.getLogger(__name__)
 
 # Candidates of `auto`, cheapest-to-explain first (ties go to the earlier one).
 # kmeans4 is left out: it loses to int4 at equal bytes and encodes ~10x slower.
-CANDIDATES: tuple[str, ...] = (
-    "none",
-    "lossless",
-    "int8",
-    "int8+zstd",
-    "fp8",
-    "fp8+zstd",
-    "int4",
-    "int4+zstd",
-)
+CANDIDATES: tuple[str, ...] = BLOCK_LABELS
 POLICY_CODECS: dict[str, frozenset[str] | None] = {
     "exact": frozenset({"none"}),
     "lossless": frozenset({"none", "lossless"}),
