@@ -6,7 +6,6 @@ A replica leader on SIGTERM finishes its requests too, then releases its ranks."
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -22,32 +21,22 @@ from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
 
 from clients.client import Client
 from serve.launch import free_port, wait_serving
+from tests.fixtures.processes import kill_tree, start_cli
 
-CLI = [sys.executable, "-m", "serve.cli", "--log-level", "info"]
 NUM_STREAMS = 10
 # Tokens per stream: a few seconds of decoding for ten streams on two shared cores.
 LONG = 800
 
 
-def _start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *argv], start_new_session=True)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def _start_shard(*extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = _start(["shard", "--port", str(port), "--kv-cache-mb", "32", "--num-threads", "1",
+    proc = start_cli(["shard", "--port", str(port), "--kv-cache-mb", "32", "--num-threads", "1",
                    "--metrics-port", "-1", *extra])  # fmt: skip
     target = f"127.0.0.1:{port}"
     try:
         asyncio.run(wait_serving(target, 60, proc))
     except BaseException:
-        _kill(proc)
+        kill_tree(proc)
         raise
     return proc, target
 
@@ -56,7 +45,7 @@ def _start_shard(*extra: str) -> tuple[subprocess.Popen, str]:
 def shard() -> Iterator[str]:
     proc, target = _start_shard()
     yield target
-    _kill(proc)
+    kill_tree(proc)
 
 
 @pytest.fixture
@@ -66,7 +55,7 @@ def gateway_factory(shard: str) -> Iterator:
     def start(drain_timeout_s: float, replica: str = shard) -> tuple[subprocess.Popen, str]:
         port = free_port()
         drain = str(drain_timeout_s)
-        proc = _start(["gateway", "--port", str(port), "--replica", replica,
+        proc = start_cli(["gateway", "--port", str(port), "--replica", replica,
                        "--drain-timeout", drain, "--metrics-port", "-1"])  # fmt: skip
         procs.append(proc)
         target = f"127.0.0.1:{port}"
@@ -75,7 +64,7 @@ def gateway_factory(shard: str) -> Iterator:
 
     yield start
     for proc in procs:
-        _kill(proc)
+        kill_tree(proc)
 
 
 @dataclass
@@ -220,4 +209,4 @@ def test_leader_sigterm_finishes_its_requests_then_exits_0(gateway_factory) -> N
         # The only replica is gone: the gateway refuses with UNAVAILABLE.
         assert _new_call_code(target) == "UNAVAILABLE"
     finally:
-        _kill(shard_proc)
+        kill_tree(shard_proc)

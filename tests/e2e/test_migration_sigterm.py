@@ -6,10 +6,8 @@ long before its requests would have finished in place."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,21 +18,11 @@ import pytest
 
 from clients.client import Client
 from serve.launch import free_port, wait_serving
+from tests.fixtures.processes import kill_tree, start_cli
 from tests.fixtures.servers import shard_status
 
-CLI = [sys.executable, "-m", "serve.cli", "--log-level", "info"]
 NUM_STREAMS = 4
 LONG = 1000
-
-
-def _start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *argv], start_new_session=True)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture
@@ -44,12 +32,12 @@ def deployment() -> Iterator[tuple[str, dict[str, subprocess.Popen]]]:
     try:
         for _ in range(2):
             port = free_port()
-            procs[f"127.0.0.1:{port}"] = _start(
+            procs[f"127.0.0.1:{port}"] = start_cli(
                 ["shard", "--port", str(port), "--kv-cache-mb", "32", "--num-threads", "1",
                  "--metrics-port", "-1", "--drain-timeout", "60"]
             )  # fmt: skip
         port = free_port()
-        gateway = _start(
+        gateway = start_cli(
             ["gateway", "--port", str(port), "--replica", ",".join(procs), "--metrics-port", "-1"]
         )
         target = f"127.0.0.1:{port}"
@@ -61,7 +49,7 @@ def deployment() -> Iterator[tuple[str, dict[str, subprocess.Popen]]]:
         yield target, procs
     finally:
         for proc in [*procs.values(), *([gateway] if gateway else [])]:
-            _kill(proc)
+            kill_tree(proc)
 
 
 @dataclass
