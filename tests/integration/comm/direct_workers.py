@@ -19,6 +19,29 @@ SLOT_BYTES = 16 * 1024
 MAX_SOCKET_FLOATS = 64 * 1024 // 4
 
 
+def _swaps_match_gloo(
+    cl: CheckList,
+    direct: Transport,
+    gloo: Transport,
+    rank: int,
+    sizes: tuple[int, ...],
+    reps: int,
+    bf16_rep: int = -1,
+) -> None:
+    """Swaps x with the other rank through `direct` and through gloo, `reps` times per
+    size (repetition `bf16_rep` in bfloat16): both must deliver the same bits."""
+    for n in sizes:
+        for rep in range(reps):
+            g = torch.Generator().manual_seed(100 * rank + n + rep)
+            x = torch.randn(n, generator=g).to(torch.bfloat16 if rep == bf16_rep else torch.float32)
+            via_direct = torch.empty_like(x)
+            via_gloo = torch.empty_like(x)
+            direct.exchange(x, via_direct, 1 - rank)
+            gloo.exchange(x, via_gloo, 1 - rank)
+            with cl.check(f"exchange:{n}"):
+                assert torch.equal(via_direct, via_gloo), f"{n} elements differ"
+
+
 def shm_checks(rank: int, world: int) -> Checks:
     cl = CheckList()
     before = set(glob.glob(os.path.join(SHM_DIR, "shardwire-tp-*")))
@@ -30,17 +53,10 @@ def shm_checks(rank: int, world: int) -> Checks:
         left = set(glob.glob(os.path.join(SHM_DIR, "shardwire-tp-*"))) - before
         assert not left, f"set-up left {sorted(left)}"
     gloo = Transport(rank, world)
-    # Swaps of many sizes, over and under the slot, each checked against gloo.
-    for n in (1, 7, 896, SLOT_BYTES // 4, SLOT_BYTES // 4 + 1, 40000):
-        for rep in range(5):  # more swaps than slots: slots are reused
-            g = torch.Generator().manual_seed(100 * rank + n + rep)
-            x = torch.randn(n, generator=g)
-            peer_via_shm = torch.empty_like(x)
-            peer_via_gloo = torch.empty_like(x)
-            shm.exchange(x, peer_via_shm, 1 - rank)
-            gloo.exchange(x, peer_via_gloo, 1 - rank)
-            with cl.check(f"exchange:{n}"):
-                assert torch.equal(peer_via_shm, peer_via_gloo), f"{n} floats differ"
+    # Swaps of many sizes, over and under the slot, each checked against gloo; more
+    # swaps than slots, so slots are reused.
+    sizes = (1, 7, 896, SLOT_BYTES // 4, SLOT_BYTES // 4 + 1, 40000)
+    _swaps_match_gloo(cl, shm, gloo, rank, sizes, reps=5)
     with cl.check("small_swaps_took_shm"):
         # 4 sizes fit a slot, 5 repetitions each.
         assert shm.shm_exchanges == 20, shm.shm_exchanges
@@ -98,16 +114,8 @@ def socket_checks(rank: int, world: int) -> Checks:
     with cl.check("connect"):
         assert direct is not None, "direct TCP set-up failed"
     assert direct is not None
-    for n in (1, 896, 4096, MAX_SOCKET_FLOATS, MAX_SOCKET_FLOATS + 1, 40000):
-        for rep in range(3):
-            g = torch.Generator().manual_seed(100 * rank + n + rep)
-            x = torch.randn(n, generator=g).to(torch.bfloat16 if rep == 1 else torch.float32)
-            via_direct = torch.empty_like(x)
-            via_gloo = torch.empty_like(x)
-            direct.exchange(x, via_direct, 1 - rank)
-            gloo.exchange(x, via_gloo, 1 - rank)
-            with cl.check(f"exchange:{n}"):
-                assert torch.equal(via_direct, via_gloo), f"{n} elements differ"
+    sizes = (1, 896, 4096, MAX_SOCKET_FLOATS, MAX_SOCKET_FLOATS + 1, 40000)
+    _swaps_match_gloo(cl, direct, gloo, rank, sizes, reps=3, bf16_rep=1)
     with cl.check("small_swaps_took_socket"):
         # Up to 64 KB: sizes 1, 896, 4096 and MAX_SOCKET_FLOATS (3 each), plus the bf16
         # repetition of MAX_SOCKET_FLOATS + 1.
