@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import secrets
@@ -462,25 +463,25 @@ class AsyncEngine:
         (leaving early aborts it)."""
         return self._follow(request_id, outputs)
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Runs fn(engine) on the engine thread between steps and returns its result
-        (the engine is never touched from another thread)."""
+    def _submit(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future:
+        """Queues fn(engine) for the engine thread, between steps."""
         if not self.is_alive:
             raise EngineDead("the engine is not running")
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("call", (fn, done)))
-        return await asyncio.wrap_future(done)
+        return done
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Runs fn(engine) on the engine thread between steps and returns its result
+        (the engine is never touched from another thread)."""
+        return await asyncio.wrap_future(self._submit(fn))
 
     def call_sync(self, fn: Callable[[LLMEngine], T]) -> T:
         """call() for a plain thread (not the event loop's): blocks until fn(engine) has
         run on the engine thread; on the engine thread itself it runs at once."""
         if threading.current_thread() is self._thread:
             return fn(self.engine)
-        if not self.is_alive:
-            raise EngineDead("the engine is not running")
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("call", (fn, done)))
-        return done.result()
+        return self._submit(fn).result()
 
     async def suspend(self, request_id: str, at_output_tokens: int = 0) -> Suspension | None:
         """Takes a request out of scheduling once it has at_output_tokens outputs (at
@@ -491,8 +492,8 @@ class AsyncEngine:
         try:
             return await asyncio.shield(asyncio.wrap_future(done))
         except asyncio.CancelledError:
-            self._commands.put(("call", (lambda engine: undo_suspend(engine, request_id, done),
-                                         concurrent.futures.Future())))  # fmt: skip
+            with contextlib.suppress(EngineDead):  # a dead engine has nothing to undo
+                self._submit(lambda engine: undo_suspend(engine, request_id, done))
             raise
 
     async def end_suspended(self, request_id: str) -> None:
