@@ -17,6 +17,7 @@ from serve.config import (
     EngineConfig,
     GatewayConfig,
     LiveTranslateConfig,
+    PrefixAffinityConfig,
     SessionConfig,
     ShardConfig,
     TLSClientConfig,
@@ -205,6 +206,33 @@ def _add_overload_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_prefix_affinity_args(p: argparse.ArgumentParser) -> None:
+    """Routing of requests without a session_id by their prompt's cached prefix."""
+    d = PrefixAffinityConfig()
+    p.add_argument(
+        "--no-prefix-affinity",
+        action="store_true",
+        help="route requests without a session_id by load only, not to the replica that "
+        "probably holds their prompt's prefix",
+    )
+    p.add_argument(
+        "--prefix-affinity-slack",
+        type=float,
+        default=env_float("SHARDWIRE_PREFIX_AFFINITY_SLACK", d.load_slack),
+        help="a replica holding the prompt's prefix gets the request while its outstanding "
+        "tokens are within (1 + this) of the replicas' mean",
+    )
+
+
+def _prefix_affinity(a: argparse.Namespace) -> PrefixAffinityConfig:
+    try:
+        return PrefixAffinityConfig(
+            enabled=not a.no_prefix_affinity, load_slack=a.prefix_affinity_slack
+        )
+    except ValueError as err:
+        a.parser.error(f"--prefix-affinity-slack: {err}")
+
+
 def _add_api_key_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
@@ -391,6 +419,7 @@ def _cmd_up(a: argparse.Namespace) -> int:
         tp_socket_ifname=env_str("GLOO_SOCKET_IFNAME", ""),
         roles=_roles(a),
         kv_codec=a.kv_codec,
+        prefix_affinity=_prefix_affinity(a),
     )
     return asyncio.run(run_up(cfg, demo=a.demo))
 
@@ -501,6 +530,7 @@ def _cmd_gateway(a: argparse.Namespace) -> int:
         cluster_secret=_cluster_secret(a),
         replica_tls=_replica_tls(a),
         kv_codec=a.kv_codec,
+        prefix_affinity=_prefix_affinity(a),
     )
     asyncio.run(run_gateway(cfg))
     return 0
@@ -557,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_arg(up, "the gateway's; each replica leader gets a free port (-1: all off)")
     _add_session_args(up)
     _add_overload_args(up)
+    _add_prefix_affinity_args(up)
     _add_api_key_args(up)
     _add_tls_args(up, "the gateway's port")
     _add_cluster_secret_args(up)
@@ -621,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_arg(gw, "the gateway's")
     _add_session_args(gw)
     _add_overload_args(gw)
+    _add_prefix_affinity_args(gw)
     _add_api_key_args(gw)
     _add_tls_args(gw, "the gateway's port")
     _add_cluster_secret_args(gw)

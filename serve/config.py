@@ -158,6 +158,29 @@ class LiveTranslateConfig:
 
 
 @dataclass(frozen=True)
+class PrefixAffinityConfig:
+    """Routing by prompt prefix for requests without a session_id."""
+
+    enabled: bool = True
+    # Tokens per hashed block: prefixes are matched in whole blocks.
+    block_tokens: int = 16
+    # Block hashes remembered over all replicas; the least recently used go first.
+    max_blocks: int = 1 << 18
+    # Bounded load: the replica holding the prefix is chosen only while its
+    # outstanding tokens, this request's included, stay within (1 + load_slack)
+    # of the healthy replicas' mean; otherwise the least loaded one is.
+    load_slack: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.block_tokens < 1:
+            raise ValueError("block_tokens must be at least 1")
+        if self.max_blocks < 1:
+            raise ValueError("max_blocks must be at least 1")
+        if self.load_slack < 0:
+            raise ValueError("load_slack must be at least 0")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The public gRPC frontend."""
 
@@ -202,6 +225,8 @@ class GatewayConfig:
     # at once with a retry-after-ms hint. 0: no cap.
     max_concurrent_streams: int = 256
     max_queued_prompt_tokens: int = 65536
+    # Requests without a session_id follow their prompt's cached prefix (bounded load).
+    prefix_affinity: PrefixAffinityConfig = field(default_factory=PrefixAffinityConfig)
 
 
 def env_int(name: str, default: int) -> int:

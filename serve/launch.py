@@ -36,6 +36,7 @@ from serve.config import (
     EngineConfig,
     GatewayConfig,
     LiveTranslateConfig,
+    PrefixAffinityConfig,
     SessionConfig,
     ShardConfig,
     TLSServerConfig,
@@ -88,6 +89,8 @@ class LaunchConfig:
     roles: tuple[str, ...] = ()
     # KV codec of the moves the gateway orchestrates.
     kv_codec: str = "lossless"
+    # Routing of requests without a session_id by their prompt's prefix.
+    prefix_affinity: PrefixAffinityConfig = field(default_factory=PrefixAffinityConfig)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -300,6 +303,7 @@ class Deployment:
                 tls=c.tls,
                 cluster_secret=self.cluster_secret,
                 kv_codec=c.kv_codec,
+                prefix_affinity=c.prefix_affinity,
             )
             self.gateway = await start_gateway(gw)
         except BaseException:

@@ -159,6 +159,7 @@ async def start_gateway(config: GatewayConfig) -> GatewayServer:
         poll_interval_s=config.status_poll_interval_s,
         on_health_change=on_health_change,
         open_channel=replica_channels(config.replica_tls, config.cluster_secret),
+        prefix_affinity=config.prefix_affinity,
     )
     router.kv_codec = check_kv_codec(config.kv_codec) or router.kv_codec
     migrator = Migrator(router)

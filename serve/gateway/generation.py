@@ -183,7 +183,8 @@ class Generation:
     ) -> None:
         """KV moves the request starts with: a prefill replica hands it over to a
         decode replica after its first token; a replica without the session's
-        dialogue prefix may fetch it from the one that served the last turn."""
+        dialogue prefix may fetch it from the one that served the last turn (without
+        a session: from the one that probably holds more of the prompt's prefix)."""
         router = self._router
         request.kv_codec = router.kv_codec
         if replica.status is not None and replica.status.role == "prefill":
@@ -194,6 +195,11 @@ class Generation:
         bound = router.replica(router.bound_replica(session_id))
         if bound is not None and bound is not replica and bound.is_healthy:
             request.prefix_source = bound.address  # cordoned replicas still answer
+        elif bound is None:
+            request.prefix_source = router.prefix_source(request.prompt_token_ids, replica)
+        # The replica will hold the prompt's KV: later prompts sharing its prefix may
+        # follow it there, before this one finished.
+        router.remember(replica.address, request.prompt_token_ids)
 
 
 async def _upstream(

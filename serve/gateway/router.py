@@ -2,8 +2,10 @@
 
 Each `ReplicaClient` keeps a gRPC channel to one replica leader, its last
 `Shard.Status` and the tokens of the requests it is serving for us. `Router`
-polls the replicas and sends a request to the healthy one with the fewest
-outstanding tokens.
+polls the replicas and sends a request to the replica that served its session's
+last turn, else to the one that probably holds its prompt's prefix while that one
+is not overloaded (`PrefixIndex`, bounded load), else to the healthy one with the
+fewest outstanding tokens.
 
 A replica is healthy while it answers `Status` and its grpc.health.v1 status for
 `shardwire.v1.Shard` is SERVING (a leader whose TP group broke, or that drains,
@@ -27,9 +29,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardwire.v1 import shard_pb2, shard_pb2_grpc
 
-from serve.config import TLSClientConfig
+from serve.config import PrefixAffinityConfig, TLSClientConfig
 from serve.errors import Unavailable
 from serve.gateway.auth import secret_metadata
+from serve.gateway.prefix_index import PrefixIndex
 from serve.gateway.tls import channel_credentials, channel_options
 
 if TYPE_CHECKING:
@@ -289,6 +292,7 @@ class Router:
         status_timeout_s: float = 2.0,
         on_health_change: HealthListener | None = None,
         open_channel: ChannelFactory | None = None,
+        prefix_affinity: PrefixAffinityConfig | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one replica address is needed")
@@ -303,6 +307,12 @@ class Router:
         self._poll_task: asyncio.Task[None] | None = None
         # session_id -> address of the replica that served the session's last turn.
         self._affinity: OrderedDict[str, str] = OrderedDict()
+        # Prompt prefixes each replica probably holds (requests without a session).
+        affinity = prefix_affinity or PrefixAffinityConfig()
+        self._load_slack = affinity.load_slack
+        self.prefixes: PrefixIndex | None = None
+        if affinity.enabled:
+            self.prefixes = PrefixIndex(affinity.block_tokens, affinity.max_blocks)
         # Requests in flight by id, for live migration (serve.gateway.migration), and
         # the KV codec of the moves this gateway orchestrates.
         self.flights: dict[str, Flight] = {}
@@ -346,7 +356,11 @@ class Router:
         return self._affinity.get(session_id, "") if session_id else ""
 
     async def refresh(self) -> None:
+        was_healthy = [r.is_healthy for r in self.replicas]
         await asyncio.gather(*(r.refresh(self._status_timeout_s) for r in self.replicas))
+        for replica, before in zip(self.replicas, was_healthy, strict=True):
+            if replica.is_healthy and not before and self.prefixes is not None:
+                self.prefixes.forget(replica.address)  # it may have restarted, cache empty
         await self._notify()
 
     async def start(self) -> None:
@@ -365,9 +379,11 @@ class Router:
             await asyncio.sleep(min(0.1, self._poll_interval_s))
             await self.refresh()
 
-    def choose(self, session_id: str = "") -> ReplicaClient:
+    def choose(self, session_id: str = "", prompt_ids: Sequence[int] = ()) -> ReplicaClient:
         """The replica that served the session's last turn while it is healthy (it
-        holds the dialogue's KV prefix), else the healthy replica with the fewest
+        holds the dialogue's KV prefix); without a session, the one that probably
+        holds more of the prompt's prefix than the least loaded one while its load
+        stays within the bound; else the healthy replica with the fewest
         outstanding tokens."""
         healthy = self.healthy_replicas()
         if not healthy:
@@ -381,7 +397,59 @@ class Router:
                 if replica.address == bound:
                     return replica
             logger.info("session's replica %s is not in rotation; moving the session", bound)
-        return min(healthy, key=_load)
+        chosen = self._by_prefix(healthy, prompt_ids) if bound is None else None
+        return chosen or min(healthy, key=_load)
+
+    def _by_prefix(
+        self, healthy: Sequence[ReplicaClient], prompt_ids: Sequence[int]
+    ) -> ReplicaClient | None:
+        """The replica with the longest cached prefix of the prompt, when that is
+        longer than the least loaded replica's and its load, with this request's
+        tokens, stays within (1 + load_slack) of the mean (bounded-load affinity:
+        a prefix every prompt shares cannot pin all traffic on one replica)."""
+        if self.prefixes is None or not prompt_ids:
+            return None
+        cached = self.prefixes.cached_tokens(prompt_ids)
+        if not cached:
+            return None
+        least = cached.get(min(healthy, key=_load).address, 0)
+        total = sum(r.outstanding_tokens for r in healthy) + len(prompt_ids)
+        bound = (1 + self._load_slack) * total / len(healthy)
+        holders = [r for r in healthy if cached.get(r.address, 0) > least]
+        holders.sort(key=lambda r: (-cached[r.address], r.outstanding_tokens))
+        for replica in holders:
+            # As in consistent hashing with bounded loads, a replica takes one more
+            # request while its load is within the bound.
+            if replica.outstanding_tokens <= bound:
+                return replica
+            logger.debug(
+                "replica %s holds %d prompt tokens but is too loaded (%d outstanding)",
+                replica.address,
+                cached[replica.address],
+                replica.outstanding_tokens,
+            )
+        return None
+
+    def prefix_source(self, prompt_ids: Sequence[int], replica: ReplicaClient) -> str:
+        """A healthy replica that probably holds more of the prompt's prefix than
+        `replica` (to fetch it from), or ''."""
+        if self.prefixes is None or not prompt_ids:
+            return ""
+        cached = self.prefixes.cached_tokens(prompt_ids)
+        here = cached.get(replica.address, 0)
+        holders = [
+            r
+            for r in self.replicas
+            if r is not replica and r.is_healthy and cached.get(r.address, 0) > here
+        ]
+        if not holders:
+            return ""
+        return max(holders, key=lambda r: cached[r.address]).address
+
+    def remember(self, address: str, token_ids: Sequence[int]) -> None:
+        """`address` holds the KV of `token_ids` now (a finished prompt and answer)."""
+        if self.prefixes is not None and address:
+            self.prefixes.record(address, token_ids)
 
     def bind(self, session_id: str, address: str) -> None:
         """Routes the session's next turns to `address` (the least recently bound

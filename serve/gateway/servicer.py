@@ -286,9 +286,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[OutputChunk]:
         """Admits the prompt and streams its output from a replica (the session's
         replica when it has one); once the stream finished, the session is bound to
-        the replica that served it."""
+        the replica that served it, and the router remembers that this replica holds
+        the prompt and answer."""
         rid = record.request_id
-        replica = self._router.choose(session_id)
+        replica = self._router.choose(session_id, prompt_ids)
         status = replica.status
         if status is None:
             raise Unavailable(f"replica {replica.address} has not reported its model")
@@ -302,6 +303,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             replica.address,
         )
         queued = self.load.queue_prompt(len(admitted.prompt_token_ids))
+        answer_ids: list[int] = []
         try:
             outputs = self._generation.run(
                 replica, admitted, record=record, timeout_s=timeout_s, session_id=session_id
@@ -310,10 +312,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 async for out in outputs:
                     if out.token_ids or out.finish_reason is not None:
                         queued.release()
+                    answer_ids.extend(out.token_ids)
                     yield out
         finally:
             queued.release(measured=False)
         self._router.bind(session_id, record.replica)
+        self._router.remember(record.replica, [*admitted.prompt_token_ids, *answer_ids])
 
     # -- sessions --------------------------------------------------------------------
 

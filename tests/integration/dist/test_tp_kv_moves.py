@@ -20,13 +20,8 @@ from serve.config import CLUSTER_SECRET_ENV, EngineConfig, ShardConfig, TPConfig
 from serve.launch import free_port, shard_argv, wait_serving
 from serve.shard.app import start_shard
 from tests.fixtures.servers import Servers, idle_free_blocks, servers, shard_status
-from tests.integration.gateway.test_migration import (
-    MAX_TOKENS,
-    MIGRATE_AT,
-    Stream,
-    _migrated_run,
-    _run,
-)
+from tests.fixtures.streams import Stream
+from tests.integration.gateway.test_migration import MAX_TOKENS, MIGRATE_AT, _migrated_run, _run
 
 SECRET = secrets.token_urlsafe(16)
 

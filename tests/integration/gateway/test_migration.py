@@ -14,18 +14,17 @@ replicas (tiny model) behind a gateway; the KV goes replica to replica
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2, shard_pb2_grpc
+from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
 
 from serve.config import EngineConfig, ShardConfig
 from serve.shard.app import start_shard
 from tests.fixtures.servers import Servers, idle_free_blocks, servers
+from tests.fixtures.streams import Stream
 
 PROMPT = [(7 * i + 3) % 250 for i in range(37)]
 MAX_TOKENS = 128
@@ -37,54 +36,6 @@ def stack() -> Iterator[tuple[Servers, list[str], str]]:
     for s in servers():
         shards = [s.shard(), s.shard()]
         yield s, shards, s.gateway(shards)
-
-
-@dataclass
-class Stream:
-    """One Generate call through the gateway, read on its own thread."""
-
-    target: str
-    prompt: list[int]
-    max_tokens: int = MAX_TOKENS
-    temperature: float = 0.0
-    seed: int | None = None
-    tokens: list[int] = field(default_factory=list)
-    request_id: str = ""
-    finish_reason: int = 0
-    code: str = "OK"
-    started: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def start(self) -> Stream:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def join(self) -> Stream:
-        assert self.thread is not None
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "stream did not finish"
-        return self
-
-    def _run(self) -> None:
-        sampling = inference_pb2.SamplingParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, ignore_eos=True
-        )
-        if self.seed is not None:
-            sampling.seed = self.seed
-        request = inference_pb2.GenerateRequest(prompt_token_ids=self.prompt, sampling=sampling)
-        try:
-            with grpc.insecure_channel(self.target) as channel:
-                stub = inference_pb2_grpc.InferenceStub(channel)
-                for chunk in stub.Generate(request, timeout=60):
-                    self.request_id = chunk.request_id
-                    self.tokens.extend(chunk.token_ids)
-                    self.finish_reason = chunk.finish_reason
-                    self.started.set()
-        except grpc.RpcError as err:
-            self.code = err.code().name
-        finally:
-            self.started.set()
 
 
 def _admin(target: str) -> shard_pb2_grpc.AdminStub:

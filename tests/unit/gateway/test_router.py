@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from serve.config import PrefixAffinityConfig
 from serve.errors import Unavailable
 from serve.gateway.router import ReplicaStatus, Router
 
@@ -92,3 +93,70 @@ def test_unreachable_replicas_time_out_and_report_health() -> None:
 
     asyncio.run(run())
     assert changes == []  # never serving, so no change to report
+
+
+def _affine_router(n: int, **options: object) -> Router:
+    router = Router(
+        [f"127.0.0.1:{i + 1}" for i in range(n)],
+        prefix_affinity=PrefixAffinityConfig(block_tokens=4, **options),  # type: ignore[arg-type]
+    )
+    for replica in router.replicas:
+        replica.status = STATUS
+        replica.is_healthy = True
+    return router
+
+
+DIALOGUE = list(range(1, 41))
+
+
+def test_a_prompt_follows_its_cached_prefix_within_the_load_bound() -> None:
+    async def run() -> None:
+        router = _affine_router(2)
+        a, b = router.replicas
+        router.remember(b.address, DIALOGUE[:24])
+        # b holds 24 of the 40 tokens: it gets the prompt though a is less loaded.
+        with router.track(b, 30):
+            assert router.choose(prompt_ids=DIALOGUE) is b
+        # Past the bound (outstanding above 1.25x the mean, this prompt counted) it
+        # goes to the least loaded replica, which can fetch the prefix from b.
+        with router.track(b, 100):
+            assert router.choose(prompt_ids=DIALOGUE) is a
+            assert router.prefix_source(DIALOGUE, a) == b.address
+        assert router.prefix_source(DIALOGUE, b) == ""
+        # A session's replica comes first.
+        router.bind("s", a.address)
+        assert router.choose("s", DIALOGUE) is a
+        await router.close()
+
+    asyncio.run(run())
+
+
+def test_a_prefix_every_replica_holds_leaves_routing_to_load() -> None:
+    async def run() -> None:
+        router = _affine_router(3)
+        a, b, c = router.replicas
+        template = DIALOGUE[:16]
+        for replica in router.replicas:
+            router.remember(replica.address, template)
+        with router.track(a, 10), router.track(c, 5):
+            assert router.choose(prompt_ids=[*template, 90, 91, 92, 93]) is b
+        # Only a holds the longer prefix, but it is loaded past the bound.
+        router.remember(a.address, DIALOGUE)
+        with router.track(a, 200), router.track(b, 20):
+            assert router.choose(prompt_ids=DIALOGUE) is c
+        await router.close()
+
+    asyncio.run(run())
+
+
+def test_prefix_affinity_can_be_turned_off() -> None:
+    async def run() -> None:
+        router = _affine_router(2, enabled=False)
+        a, b = router.replicas
+        router.remember(b.address, DIALOGUE)
+        with router.track(b, 1):
+            assert router.choose(prompt_ids=DIALOGUE) is a
+        assert router.prefix_source(DIALOGUE, a) == ""
+        await router.close()
+
+    asyncio.run(run())
