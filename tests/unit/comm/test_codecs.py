@@ -220,6 +220,32 @@ def test_all_zero_blocks_decode_zeros(name: str, dtype: torch.dtype) -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf])
+def test_all_finite_input_encodes_like_the_general_path(
+    name: str, dtype: torch.dtype, special: float
+) -> None:
+    """All-finite tensors take a shorter path (no NaN bookkeeping, no clamp): its
+    blocks must be byte for byte those of the general path, which a non-finite
+    value in the last block forces."""
+    block = 16
+    x = activations((6 * block,), dtype, seed=3)
+    x[: 2 * block] = 0.0  # all-zero blocks too
+    marked = x.clone()
+    marked[-1] = special
+    spec = CodecSpec(name, block_size=block)
+    fast, general = encode_to_uint8(x, spec), encode_to_uint8(marked, spec)
+    num_scales = 2 * 6  # bf16 scales first, then the codes
+    code_bytes = (5 * block) // (1 if name == "int8" else 2)
+    assert torch.equal(fast[: num_scales - 2], general[: num_scales - 2])
+    body = slice(num_scales, num_scales + code_bytes)
+    assert torch.equal(fast[body], general[body])
+    y = decode_from_uint8(fast, dtype, x.shape, spec)
+    y_marked = decode_from_uint8(general, dtype, x.shape, spec)
+    assert torch.equal(bits(y[: 5 * block]), bits(y_marked[: 5 * block]))
+
+
 @pytest.mark.parametrize("name", ["int8", "fp8", "int4"])
 def test_outlier_hurts_only_its_block(name: str) -> None:
     x = torch.randn(4 * 64, generator=torch.Generator().manual_seed(1))
