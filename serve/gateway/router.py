@@ -56,13 +56,15 @@ CHANNEL_OPTIONS = (
 
 
 def replica_channels(
-    tls: TLSClientConfig | None = None, cluster_secret: str = ""
+    tls: TLSClientConfig | None = None,
+    cluster_secret: str = "",
+    extra_options: Sequence[tuple[str, int | str]] = (),
 ) -> ChannelFactory:
     """Channels to replicas: TLS when `tls` is on (plaintext otherwise), and the
     cluster secret on every call when one is set."""
     tls = tls or TLSClientConfig()
     credentials = channel_credentials(tls)
-    options = [*CHANNEL_OPTIONS, *channel_options(tls)]
+    options = [*CHANNEL_OPTIONS, *channel_options(tls), *extra_options]
     interceptors = secret_metadata(cluster_secret) if cluster_secret else None
 
     def open_channel(address: str) -> grpc.aio.Channel:

@@ -29,7 +29,7 @@ from serve.metrics import (
     replica_registry,
     serve_metrics,
 )
-from serve.shard.kv_transfer import KvTransfer
+from serve.shard.kv_transfer import MAX_MESSAGE_BYTES, KvTransfer
 from serve.shard.servicer import ShardServicer
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,11 @@ async def start_shard(config: ShardConfig) -> ShardServer:
     engine = await AsyncEngine.launch(functools.partial(build_engine, config))
     drain_gate = DrainGate((f"/{SERVICE_NAME}/Generate",))
     server = grpc.aio.server(
-        interceptors=[*auth, drain_gate, ErrorInterceptor()], options=[("grpc.so_reuseport", 0)]
+        interceptors=[*auth, drain_gate, ErrorInterceptor()],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
     )
     kv = KvTransfer(engine, peer_channels(config), config.prefix_fetch)
     servicer = ShardServicer(
@@ -162,7 +166,8 @@ def peer_channels(config: ShardConfig) -> ChannelFactory:
             cert_file=config.tls.cert_file,
             key_file=config.tls.key_file,
         )
-    return replica_channels(tls, config.cluster_secret)
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    return replica_channels(tls, config.cluster_secret, options)
 
 
 async def run_shard(config: ShardConfig) -> int:

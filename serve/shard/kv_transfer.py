@@ -34,7 +34,7 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -73,6 +73,10 @@ DEFAULT_KV_CODEC = "lossless"
 # than 256 KiB ones; a message of two frames stays well under gRPC's 4 MiB cap).
 CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_TOKENS = 1024
+# Largest gRPC message a replica takes from another (and from a peer's ExportKv): a
+# chunk of at least one key group of a wide fp32 KV row (64 tokens x 128 heads x 128
+# dims x 4 bytes = 4 MiB a frame, two frames) still fits; gRPC's default is 4 MiB.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 # A staged request not resumed (or a pre-copy not finished) within this is dropped.
 STAGED_TTL_S = 60.0
 # A request paused for a hand-over that does not come within this goes on here.
@@ -209,6 +213,12 @@ class KvTransfer:
         self._channels: dict[str, object] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._importing: set[str] = set()
+        # Per staged import: tokens of each layer sent from token 0 on, over all of its
+        # streams (pre-copy rounds, then the final one). A stream that ends short of
+        # its end_token in any layer is refused: its KV would be partly garbage.
+        self._arrived: dict[str, list[int]] = {}
+        # Clean-ups still running for handlers that were cancelled meanwhile.
+        self._cleanups: set[asyncio.Future] = set()
         self._links: dict[str, tuple[float, LinkModel]] = {}
         # Pauses armed by a pre-copy (at an output token), claimed by the final move.
         self._pauses: dict[str, asyncio.Task[Suspension | None]] = {}
@@ -383,14 +393,20 @@ class KvTransfer:
                 encoded = [c async for c in self._chunks(snapshot, start, codec, stats, True)]
             response = await self._stream_to(request.target, messages())
         except BaseException as exc:
-            await self.engine.call(lambda e: e.release(snapshot))
             pause = self._pauses.pop(rid, None) if not request.final else None
             if pause is not None:
                 pause.cancel()  # the request goes on here
-            if suspension is not None:
-                await self.engine.resume_suspended(rid)
-                logger.warning("[%s] hand-over to %s failed (%s); resumed here", rid,
-                               request.target, _describe(exc))  # fmt: skip
+
+            reason = _describe(exc)
+
+            async def undo() -> None:
+                await self.engine.call(lambda e: e.release(snapshot))
+                if suspension is not None:
+                    await self.engine.resume_suspended(rid)
+                    logger.warning("[%s] hand-over to %s failed (%s); resumed here", rid,
+                                   request.target, reason)  # fmt: skip
+
+            await self._to_the_end(undo())
             if isinstance(exc, ShardwireError | asyncio.CancelledError):
                 raise
             raise Unavailable(f"KV move to {request.target} failed: {_describe(exc)}") from exc
@@ -499,6 +515,8 @@ class KvTransfer:
         codec = _codec(header.codec)
         self._importing.add(rid)
         self._cancel_expiry(rid)
+        num_layers = header.geometry.num_layers
+        arrived = self._arrived.setdefault(rid, [0] * num_layers)
         decode_clock = StageClock()
         sink: PipelinedSink = PipelinedSink(
             self._decode(geometry, header.geometry.num_layers), clock=decode_clock
@@ -526,7 +544,11 @@ class KvTransfer:
                         lambda e, s=state, n=end_token: e.stage(s, n, codec.is_exact)
                     )
                 else:
-                    _check_chunk(msg, end_token, header.geometry.num_layers)
+                    _check_chunk(msg, end_token, num_layers)
+                    if msg.start_token <= arrived[msg.layer]:
+                        arrived[msg.layer] = max(
+                            arrived[msg.layer], msg.start_token + msg.num_tokens
+                        )
                     wire_bytes += len(msg.key_frame) + len(msg.value_frame)
                     if header.sequential:
                         buffered.append((msg, table))
@@ -536,13 +558,23 @@ class KvTransfer:
                 msg = await anext(stream, None)
             for item in buffered:
                 await sink.put(item)
-            await sink.close()
+            await sink.close()  # raises a chunk's decode error first
+            _check_arrived(arrived, end_token)
         except BaseException:
-            await sink.discard()
-            await self.engine.call(lambda e: e.drop_staged(rid))
-            self._importing.discard(rid)
+            self._arrived.pop(rid, None)
+
+            async def abandon() -> None:
+                try:
+                    await sink.discard()
+                    await self.engine.call(lambda e: e.drop_staged(rid))
+                finally:
+                    self._importing.discard(rid)
+
+            await self._to_the_end(abandon())
             raise
         self._importing.discard(rid)
+        if header.prefix or commit:
+            self._arrived.pop(rid, None)
         cached = 0
         if header.prefix:
             cached = await self.engine.call(lambda e: e.cache_staged_prefix(rid))
@@ -552,7 +584,7 @@ class KvTransfer:
             try:
                 self._started[rid] = await self.engine.start(rid)
             except BaseException:
-                await self.engine.call(lambda e: e.drop_staged(rid))
+                await self._to_the_end(self.engine.call(lambda e: e.drop_staged(rid)))
                 raise
             self._expire_later(rid)
         else:
@@ -573,6 +605,16 @@ class KvTransfer:
             decode_s=decode_clock.busy_s,
             cached_tokens=cached,
         )
+
+    async def _to_the_end(self, cleanup: Awaitable[object]) -> None:
+        """Awaits `cleanup`, which runs to its end even if this task is cancelled
+        meanwhile: gRPC cancels a handler whose call it already ended (a message past
+        the size cap, a client gone), also while the handler cleans up after an error,
+        and staged blocks or a paused request must not be left behind."""
+        task = asyncio.ensure_future(cleanup)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
 
     def _check_geometry(self, theirs: shard_pb2.KvGeometry) -> KvGeometry:
         mine = self.geometry
@@ -611,6 +653,7 @@ class KvTransfer:
         self._expiry[rid] = loop.call_later(STAGED_TTL_S, expire)
 
     async def _drop_expired(self, rid: str) -> None:
+        self._arrived.pop(rid, None)
         if await self.engine.call(lambda e: e.drop_staged(rid)):
             logger.warning("[%s] staged KV dropped: not resumed within %.0f s", rid, STAGED_TTL_S)
 
@@ -638,6 +681,7 @@ class KvTransfer:
             return True
         if rid in self._importing:
             return False
+        self._arrived.pop(rid, None)
         return await self.engine.call(lambda e: e.drop_staged(rid))
 
     # -- disaggregated prefill -------------------------------------------------------------
@@ -920,6 +964,18 @@ def _check_chunk(msg: shard_pb2.KvChunk, end_token: int, num_layers: int) -> Non
         raise InvalidArgument(
             f"chunk of tokens {msg.start_token}..{msg.start_token + n} outside "
             f"the announced 0..{end_token} (or more than {MAX_CHUNK_TOKENS})"
+        )
+
+
+def _check_arrived(arrived: list[int], end_token: int) -> None:
+    """Refuses an import stream that ended before every layer's KV up to end_token
+    came (cut off, or a sender that skipped tokens)."""
+    short = [(layer, n) for layer, n in enumerate(arrived) if n < end_token]
+    if short:
+        layer, n = short[0]
+        raise InvalidArgument(
+            f"the KV stream ended with tokens {n}..{end_token} of layer {layer} missing "
+            f"({len(short)} of {len(arrived)} layers short)"
         )
 
 

@@ -1,0 +1,179 @@
+"""Shard.ImportKv against hostile streams, on a real replica (tiny model): each
+is refused with a clear status code, the replica keeps serving and every KV block
+it staged is freed; a stream that ends before the KV of every layer came is
+refused, not cached half written. A message past gRPC's default 4 MiB still reaches the checks
+(KV chunks of wide models are that large); one past MAX_MESSAGE_BYTES does not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+import torch
+from shardwire.v1 import shard_pb2, shard_pb2_grpc
+
+from serve.comm.kv_codecs import KvCodec, encode_kv
+from serve.shard.kv_transfer import MAX_MESSAGE_BYTES
+from tests.fixtures.servers import Servers, idle_free_blocks, servers, shard_status
+
+Messages = list[shard_pb2.KvChunk]
+
+
+@pytest.fixture(scope="module")
+def replica() -> Iterator[tuple[Servers, str, shard_pb2.StatusResponse]]:
+    for s in servers():
+        address = s.shard()
+        yield s, address, shard_status(address)
+
+
+def _header(status: shard_pb2.StatusResponse, end_token: int = 32, **fields) -> shard_pb2.KvChunk:
+    fields.setdefault("geometry", status.kv_geometry)
+    header = shard_pb2.KvHeader(
+        request_id=fields.pop("request_id", "hostile"),
+        codec=fields.pop("codec", "none"),
+        end_token=end_token,
+        prefix=True,
+        state=shard_pb2.RequestState(prompt_token_ids=list(range(1, end_token + 1))),
+        **fields,
+    )
+    return shard_pb2.KvChunk(header=header)
+
+
+def _chunk(status: shard_pb2.StatusResponse, layer: int, start: int, n: int) -> shard_pb2.KvChunk:
+    g = status.kv_geometry
+    k = torch.randn(n, g.num_kv_heads, g.head_dim, dtype=getattr(torch, g.dtype))
+    kf, vf = encode_kv(k, k, KvCodec.parse("none"))
+    return shard_pb2.KvChunk(
+        layer=layer, start_token=start, num_tokens=n, key_frame=kf, value_frame=vf
+    )
+
+
+def _import(address: str, messages: Messages) -> grpc.RpcError | shard_pb2.ImportKvResponse:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return shard_pb2_grpc.ShardStub(channel).ImportKv(iter(messages), timeout=30)
+        except grpc.RpcError as err:
+            return err
+
+
+def _other_geometry(status: shard_pb2.StatusResponse) -> shard_pb2.KvGeometry:
+    g = shard_pb2.KvGeometry()
+    g.CopyFrom(status.kv_geometry)
+    g.num_kv_heads += 1
+    return g
+
+
+def _relabel(chunk: shard_pb2.KvChunk, **fields: int) -> shard_pb2.KvChunk:
+    for name, value in fields.items():
+        setattr(chunk, name, value)
+    return chunk
+
+
+def _corrupt(chunk: shard_pb2.KvChunk) -> shard_pb2.KvChunk:
+    frame = bytearray(chunk.key_frame)
+    frame[-1] ^= 0xFF
+    chunk.key_frame = bytes(frame)
+    return chunk
+
+
+HOSTILE: dict[str, tuple[Callable[[shard_pb2.StatusResponse], Messages], grpc.StatusCode, str]] = {
+    "no header": (
+        lambda st: [_chunk(st, 0, 0, 16)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "starts with a header",
+    ),
+    "layer past the model": (
+        lambda st: [_header(st), _chunk(st, st.kv_geometry.num_layers, 0, 16)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chunk of layer",
+    ),
+    "tokens past the announced end": (
+        lambda st: [_header(st), _chunk(st, 0, 24, 16)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "outside the announced",
+    ),
+    "another model's geometry": (
+        lambda st: [_header(st, geometry=_other_geometry(st)), _chunk(st, 0, 0, 16)],
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "does not fit this model",
+    ),
+    "corrupt frame": (
+        lambda st: [_header(st), _corrupt(_chunk(st, 0, 0, 16))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "checksum",
+    ),
+    "frames of more tokens than the chunk says": (
+        lambda st: [_header(st), _relabel(_chunk(st, 0, 0, 16), num_tokens=8)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "",
+    ),
+    "stream ending before every layer's KV came": (
+        lambda st: [
+            _header(st),
+            *(_chunk(st, layer, 0, 32) for layer in range(st.kv_geometry.num_layers - 1)),
+            _chunk(st, st.kv_geometry.num_layers - 1, 0, 16),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tokens 16..32 of layer 3 missing",
+    ),
+    "tokens skipped": (
+        lambda st: [
+            _header(st),
+            *(_chunk(st, layer, 16, 16) for layer in range(st.kv_geometry.num_layers)),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tokens 0..32 of layer 0 missing",
+    ),
+    "unknown codec": (
+        lambda st: [_header(st, codec="int3")],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown codec",
+    ),
+    "5 MiB frame": (
+        lambda st: [
+            _header(st),
+            shard_pb2.KvChunk(
+                layer=0, start_token=0, num_tokens=16, key_frame=bytes(5 << 20), value_frame=b""
+            ),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "",
+    ),
+    "message past the cap": (
+        lambda st: [
+            _header(st),
+            shard_pb2.KvChunk(
+                layer=0, start_token=0, num_tokens=16, key_frame=bytes(MAX_MESSAGE_BYTES)
+            ),
+        ],
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_import_streams_are_refused(replica, case: str) -> None:
+    s, address, status = replica
+    build, code, message = HOSTILE[case]
+    result = _import(address, build(status))
+    assert isinstance(result, grpc.RpcError), f"{case}: accepted"
+    assert result.code() is code, f"{case}: {result.code()} {result.details()}"
+    assert message in (result.details() or "")
+    # The replica serves on, with every block back (a stream gRPC cut off is cleaned
+    # up by its handler after the client already has the error).
+    deadline = time.monotonic() + 10
+    while idle_free_blocks(address) != status.kv_blocks_total:
+        assert time.monotonic() < deadline, f"{case}: staged blocks were not freed"
+        time.sleep(0.05)
+
+
+def test_a_well_formed_prefix_is_imported(replica) -> None:
+    s, address, status = replica
+    messages = [_header(status, request_id="good")]
+    messages += [_chunk(status, layer, 0, 32) for layer in range(status.kv_geometry.num_layers)]
+    result = _import(address, messages)
+    assert isinstance(result, shard_pb2.ImportKvResponse), result
+    assert result.num_tokens == 32 and result.cached_tokens == 32
