@@ -42,6 +42,7 @@ BENCHMARKS = {
     "tp": "tp",
     "realtime": "realtime",
     "kv": "kv",
+    "affinity": "affinity",
     "soak": "soak",
 }
 

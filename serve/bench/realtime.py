@@ -105,7 +105,8 @@ def sentence(rng: random.Random, num_chars: int) -> str:
     return " ".join(words).capitalize()[:num_chars].rstrip() + "."
 
 
-def start_deployment(model: str, port: int, prefix_caching: bool, kv_mb: int) -> subprocess.Popen:
+def start_deployment_argv(model: str, port: int, prefix_caching: bool, kv_mb: int) -> list[str]:
+    """The command line of a `shardwire up` deployment on `port`."""
     argv = [
         sys.executable, "-m", "serve.cli", "--log-level", "warning", "up",
         "--model", model, "--port", str(port), "--metrics-port", "-1",
@@ -113,6 +114,11 @@ def start_deployment(model: str, port: int, prefix_caching: bool, kv_mb: int) ->
     ]  # fmt: skip
     if not prefix_caching:
         argv.append("--no-prefix-caching")
+    return argv
+
+
+def start_deployment(model: str, port: int, prefix_caching: bool, kv_mb: int) -> subprocess.Popen:
+    argv = start_deployment_argv(model, port, prefix_caching, kv_mb)
     return subprocess.Popen(argv, start_new_session=True)
 
 
