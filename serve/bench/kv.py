@@ -371,8 +371,11 @@ def run_link(args: argparse.Namespace, link: str, tmp: Path, run: int) -> dict:
         gateway = f"127.0.0.1:{ports[2]}"
         start(pair, 0, [*cli, *replica, "--port", str(ports[0])], "source")
         start(pair, 1, [*cli, *replica, "--host", target_host, "--port", str(ports[1])], "target")
+        # Load-only routing: every stream starts on the source (the first of two idle
+        # replicas), whatever ran before with the same prompt.
         gateway_argv = [*cli, "gateway", "--model", args.model, "--port", str(ports[2]),
-                        "--replica", f"{source},{target}", "--metrics-port", "-1"]  # fmt: skip
+                        "--replica", f"{source},{target}", "--metrics-port", "-1",
+                        "--no-prefix-affinity"]  # fmt: skip
         start(pair, 0, gateway_argv, "gateway")
         out = tmp / f"{link}-client.json"
         client = [

@@ -28,8 +28,16 @@ class PrefixIndex:
     def __init__(self, block_tokens: int = 16, max_blocks: int = 1 << 18) -> None:
         self.block_tokens = block_tokens
         self.max_blocks = max_blocks
-        # Chained block hash -> addresses of the replicas that hold that prefix.
-        self._blocks: OrderedDict[int, set[str]] = OrderedDict()
+        # Chained block hash -> bit mask of the replicas that hold that prefix (an int
+        # per block: about 100 bytes an entry, 26 MB at 2^18 blocks).
+        self._blocks: OrderedDict[int, int] = OrderedDict()
+        self._bits: dict[str, int] = {}
+
+    def _bit(self, address: str) -> int:
+        bit = self._bits.get(address)
+        if bit is None:
+            bit = self._bits[address] = 1 << len(self._bits)
+        return bit
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -47,12 +55,13 @@ class PrefixIndex:
     def record(self, address: str, token_ids: Sequence[int]) -> None:
         """`address` now holds the KV of `token_ids` (its whole blocks)."""
         blocks = self._blocks
+        bit = self._bit(address)
         for h in self.block_hashes(token_ids):
             owners = blocks.get(h)
             if owners is None:
-                blocks[h] = {address}
+                blocks[h] = bit
             else:
-                owners.add(address)
+                blocks[h] = owners | bit
                 blocks.move_to_end(h)
         while len(blocks) > self.max_blocks:
             blocks.popitem(last=False)
@@ -61,26 +70,37 @@ class PrefixIndex:
         """Per replica that holds any of it, the length of the prompt's longest
         cached prefix (a multiple of block_tokens)."""
         found: dict[str, int] = {}
-        alive: set[str] | None = None
+        alive = -1  # every replica, until the first block
         hashes = self.block_hashes(token_ids)
+        matched = 0
         for i, h in enumerate(hashes):
-            owners = self._blocks.get(h, set())
-            still = set(owners) if alive is None else alive & owners
-            for address in (alive or set()) - still:
-                found[address] = i * self.block_tokens
+            still = alive & self._blocks.get(h, 0)
+            if i and still != alive:
+                self._found(alive & ~still, i, found)
             alive = still
             if not alive:
                 return found
-        for address in alive or ():
-            found[address] = len(hashes) * self.block_tokens
+            matched = i + 1
+        if matched:
+            self._found(alive, matched, found)
         return found
+
+    def _found(self, mask: int, num_blocks: int, found: dict[str, int]) -> None:
+        for address, bit in self._bits.items():
+            if mask & bit:
+                found[address] = num_blocks * self.block_tokens
 
     def forget(self, address: str) -> None:
         """Drops everything listed for `address` (its cache is gone)."""
+        bit = self._bits.get(address)
+        if bit is None:
+            return
         emptied = []
         for h, owners in self._blocks.items():
-            owners.discard(address)
-            if not owners:
+            owners &= ~bit
+            if owners:
+                self._blocks[h] = owners
+            else:
                 emptied.append(h)
         for h in emptied:
             del self._blocks[h]
