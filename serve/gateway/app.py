@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2_grpc
 
 from serve.config import GatewayConfig
@@ -87,6 +87,21 @@ class ReplicaCollector:
             outstanding.add_metric((replica.address,), replica.outstanding_tokens)
         yield healthy
         yield outstanding
+        decisions = CounterMetricFamily(
+            "shardwire_routing_decisions",
+            "Requests routed, by why the replica was chosen: session (the session's "
+            "replica), prefix (the replica holding the prompt's prefix) or load.",
+            labels=("reason",),
+        )
+        for reason, count in self._router.decisions.items():
+            decisions.add_metric((reason,), count)
+        yield decisions
+        prefixes = self._router.prefixes
+        yield GaugeMetricFamily(
+            "shardwire_prefix_index_blocks",
+            "Prompt blocks the router remembers for prefix affinity.",
+            value=len(prefixes) if prefixes is not None else 0,
+        )
 
 
 class GatewayServer:

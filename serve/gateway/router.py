@@ -313,6 +313,9 @@ class Router:
         affinity = prefix_affinity or PrefixAffinityConfig()
         self._load_slack = affinity.load_slack
         self.prefixes: PrefixIndex | None = None
+        # Requests routed so far, by why their replica was chosen: session (the
+        # session's replica), prefix (its prompt's cached prefix) or load.
+        self.decisions: dict[str, int] = {"session": 0, "prefix": 0, "load": 0}
         if affinity.enabled:
             self.prefixes = PrefixIndex(affinity.block_tokens, affinity.max_blocks)
         # Requests in flight by id, for live migration (serve.gateway.migration), and
@@ -397,9 +400,11 @@ class Router:
         if bound is not None:
             for replica in healthy:
                 if replica.address == bound:
+                    self.decisions["session"] += 1
                     return replica
             logger.info("session's replica %s is not in rotation; moving the session", bound)
         chosen = self._by_prefix(healthy, prompt_ids) if bound is None else None
+        self.decisions["prefix" if chosen is not None else "load"] += 1
         return chosen or min(healthy, key=_load)
 
     def _by_prefix(

@@ -171,6 +171,10 @@ def test_counters_and_histograms_match_a_known_workload(stack: Stack) -> None:
         ok_completion - n_ok + cancelled_completion - 1
     )
     assert total(after, "shardwire_requests_in_flight") == 0
+    # Every request that reached a replica was routed; one replica: by load.
+    routed = delta("shardwire_routing_decisions_total")
+    assert n_ok + 1 <= routed <= n_ok + 4
+    assert delta("shardwire_routing_decisions_total", reason="load") == routed
     replica = [k for k in after if k[0] == "shardwire_replica_healthy"]
     assert len(replica) == 1 and after[replica[0]] == 1
 

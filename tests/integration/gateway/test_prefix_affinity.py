@@ -68,9 +68,12 @@ def test_the_next_turn_follows_the_dialogue_prefix(affinity: bool) -> None:
         assert holder == replicas[1]
         ids, _, cached = _chat(gateway, second)
         # The replicas fetch no prefix: a cached prompt means the turn went to holder.
+        router = s.gateways[-1].router
         if affinity:
             assert cached >= 64, f"only {cached} prompt tokens came from a cache"
+            assert router.decisions["prefix"] == 1
         else:
+            assert router.decisions["prefix"] == 0
             # Both replicas idle: load alone picks the first one, which has nothing.
             assert cached == 0
         reference, _, _ = _chat(s.gateway([_shard(s, "never")]), second)
