@@ -39,6 +39,7 @@ from locust.env import Environment
 from shardwire.v1 import inference_pb2, inference_pb2_grpc
 
 from clients.client import (
+    ChannelSettings,
     Messages,
     chat_request,
     chunk_from_proto,
@@ -144,8 +145,11 @@ class InferenceClient:
         timeout_s: float | None = None,
         itl_per_request: bool = False,
         on_call: Callable[[str, str, StreamResult | None, float, int], None] | None = None,
+        settings: ChannelSettings | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target)
+        settings = settings or ChannelSettings.build()
+        self._channel = settings.channel(target)
+        self._metadata = settings.metadata
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._fire = fire
         self._timeout_s = timeout_s
@@ -176,7 +180,7 @@ class InferenceClient:
         num_tokens = 0
         finish: str | None = None
         pieces: list[str] = []
-        call = method(request, timeout=self._timeout_s)
+        call = method(request, timeout=self._timeout_s, metadata=self._metadata)
         try:
             for msg in call:
                 now = time.perf_counter()
@@ -239,7 +243,8 @@ class InferenceClient:
         )
 
     def list_models(self) -> Iterable[inference_pb2.ModelInfo]:
-        return self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
+        request = inference_pb2.ListModelsRequest()
+        return self._stub.ListModels(request, timeout=10, metadata=self._metadata).models
 
     def close(self) -> None:
         self._channel.close()
@@ -251,6 +256,8 @@ class InferenceUser(User):
     abstract = True
     timeout_s: float | None = 120.0
     itl_per_request = False
+    # TLS and the API key of a secured gateway (plaintext and none by default).
+    channel_settings: ChannelSettings | None = None
 
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
@@ -263,6 +270,7 @@ class InferenceUser(User):
             timeout_s=self.timeout_s,
             itl_per_request=self.itl_per_request,
             on_call=self._log_call,
+            settings=self.channel_settings,
         )
 
     def _log_call(

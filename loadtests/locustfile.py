@@ -46,6 +46,7 @@ from locust import LoadTestShape, between, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
+from clients.client import ChannelSettings  # noqa: E402
 from loadtests.grpc_user import CALL_LOG, InferenceUser  # noqa: E402
 from loadtests.slo import SHAPES, Slos, check_slos, shape_users  # noqa: E402
 
@@ -94,6 +95,21 @@ def add_arguments(parser: Any) -> None:
     )
     group.add_argument("--request-timeout", type=float, default=120.0, help="seconds per call")
     group.add_argument(
+        "--api-key",
+        default=os.environ.get("SHARDWIRE_API_KEY", ""),
+        help="sent as `authorization: Bearer KEY` (default: $SHARDWIRE_API_KEY)",
+    )
+    # Locust's own --tls-cert/--tls-key are its web UI's: these are the gateway's.
+    group.add_argument(
+        "--gateway-tls", action="store_true", default=False, help="TLS to the gateway"
+    )
+    group.add_argument("--gateway-ca", default="", help="PEM of the CA that signed the gateway")
+    group.add_argument("--gateway-cert", default="", help="client certificate PEM (mutual TLS)")
+    group.add_argument("--gateway-key", default="", help="its private key PEM")
+    group.add_argument(
+        "--gateway-server-name", default="", help="name to check the gateway's certificate against"
+    )
+    group.add_argument(
         "--slo-ttft-p95-ms",
         type=float,
         default=0.0,
@@ -139,6 +155,18 @@ def _lines(name: str) -> list[str]:
 # -- users ---------------------------------------------------------------------------
 
 
+def channel_settings(opts: Any) -> ChannelSettings:
+    """TLS and the API key from the command line (all optional)."""
+    return ChannelSettings.build(
+        api_key=getattr(opts, "api_key", "") or None,
+        tls=getattr(opts, "gateway_tls", False),
+        tls_ca=getattr(opts, "gateway_ca", "") or None,
+        tls_cert=getattr(opts, "gateway_cert", "") or None,
+        tls_key=getattr(opts, "gateway_key", "") or None,
+        tls_server_name=getattr(opts, "gateway_server_name", "") or None,
+    )
+
+
 class ShardwireUser(InferenceUser):
     """A mix of dialogue, translation and generation, as a chat product would see."""
 
@@ -149,6 +177,7 @@ class ShardwireUser(InferenceUser):
         if opts is not None:
             self.timeout_s = opts.request_timeout
             self.itl_per_request = opts.itl_per_request
+            self.channel_settings = channel_settings(opts)
         super().__init__(environment)
         self.opts = opts
         self.rng = random.Random()

@@ -6,6 +6,7 @@ subprocesses, exactly as `make loadtest` runs them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import importlib.util
 import json
@@ -14,14 +15,16 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from serve.launch import free_port, wait_serving
+from tests.fixtures.certs import CertAuthority
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
@@ -49,13 +52,14 @@ class Deployment:
         return match.group(1)
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    log = tmp_path_factory.mktemp("up") / "up.log"
+@contextlib.contextmanager
+def _up(log: Path, *extra: str, ready: Callable[[str], None] | None = None) -> Iterator[Deployment]:
+    """`shardwire up` (tiny model) until the block ends; `ready` waits for it to
+    serve (default: a plaintext health check)."""
     port = free_port()
     argv = [
         sys.executable, "-m", "serve.cli", "--log-format", "json",
-        "up", "--port", str(port), "--kv-cache-mb", "64",
+        "up", "--port", str(port), "--kv-cache-mb", "64", *extra,
     ]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -63,7 +67,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         )
     target = f"127.0.0.1:{port}"
     try:
-        asyncio.run(wait_serving(target, 120, proc))
+        if ready is None:
+            asyncio.run(wait_serving(target, 120, proc))
+        else:
+            ready(target)
         yield Deployment(target, proc, log)
     finally:
         if proc.poll() is None:
@@ -73,6 +80,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with _up(tmp_path_factory.mktemp("up") / "up.log") as running:
+        yield running
 
 
 def locust(target: str, prefix: Path, run_time: str, *extra: str) -> subprocess.CompletedProcess:
@@ -158,3 +171,43 @@ def test_missed_slo_fails_the_headless_run(deployment: Deployment, tmp_path: Pat
     run = locust(deployment.target, tmp_path / "slo", "4s", "--slo-ttft-p95-ms", "0.001")
     assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
     assert "SLO missed: TTFT p95" in run.stderr
+
+
+API_KEY = "loadtest-key-3f9a1c7e52"
+
+
+def _probe(target: str, *extra: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "serve.cli", "probe", "--target", target, *extra]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+
+def test_locust_and_probe_reach_a_gateway_with_tls_and_api_keys(tmp_path: Path) -> None:
+    """The locust user and `shardwire probe` speak TLS (trusting the given CA) and
+    the locust user sends the API key: a run with both has no failure, one without
+    the key fails every call; the probe fails on plaintext and passes with TLS."""
+    ca = CertAuthority(tmp_path)
+    server = ca.issue("server", server=True)
+    tls = ("--tls-ca", str(ca.cert))
+
+    def ready(target: str) -> None:
+        deadline = time.monotonic() + 120
+        while _probe(target, *tls).returncode != 0:
+            assert time.monotonic() < deadline, "the TLS deployment did not come up"
+            time.sleep(0.5)
+
+    secured = ("--api-key", API_KEY, "--tls-cert", str(server.cert), "--tls-key", str(server.key))
+    with _up(tmp_path / "up.log", *secured, ready=ready) as running:
+        assert _probe(running.target, "--timeout", "3").returncode == 1  # plaintext
+        gateway_tls = ("--gateway-ca", str(ca.cert))
+        with_key = locust(
+            running.target, tmp_path / "key", "5s", *gateway_tls, "--api-key", API_KEY
+        )
+        assert with_key.returncode == 0, with_key.stderr[-3000:]
+        rows = [r for r in read_rows(tmp_path / "key_stats.csv") if r["Name"] != "Aggregated"]
+        assert sum(int(r["Request Count"]) for r in rows if r["Type"] == "E2E") > 0
+        assert all(int(r["Failure Count"]) == 0 for r in rows)
+        without = locust(running.target, tmp_path / "nokey", "4s", *gateway_tls)
+        failures = read_rows(tmp_path / "nokey_failures.csv")
+        assert failures and all("UNAUTHENTICATED" in f["Error"] for f in failures), without.stderr
+        rows = [r for r in read_rows(tmp_path / "nokey_stats.csv") if r["Type"] == "E2E"]
+        assert sum(int(r["Failure Count"]) for r in rows) > 0
