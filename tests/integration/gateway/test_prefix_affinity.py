@@ -7,41 +7,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2, shard_pb2_grpc
+from shardwire.v1 import shard_pb2, shard_pb2_grpc
 
-from serve.config import EngineConfig, PrefixAffinityConfig, ShardConfig
-from serve.shard.app import start_shard
+from serve.config import PrefixAffinityConfig
 from tests.fixtures.servers import Servers, servers
-from tests.fixtures.streams import Stream
+from tests.fixtures.streams import Stream, chat_turn
 
 USER = "Describe the harbour at dawn, the boats, the gulls and the fish market. " * 5
-
-
-def _shard(s: Servers, prefix_fetch: str) -> str:
-    config = ShardConfig(
-        port=0, engine=EngineConfig(kv_cache_bytes=16 * 1024 * 1024), prefix_fetch=prefix_fetch
-    )
-    server = s.run(start_shard(config), 120)
-    s.shards.append(server)
-    return f"127.0.0.1:{server.port}"
-
-
-def _chat(target: str, messages: list[tuple[str, str]]) -> tuple[list[int], str, int]:
-    """(token ids, text, cached prompt tokens) of one greedy Chat call, no session."""
-    request = inference_pb2.ChatRequest(
-        messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages],
-        sampling=inference_pb2.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
-    )
-    ids: list[int] = []
-    text = ""
-    cached = 0
-    with grpc.insecure_channel(target) as channel:
-        for chunk in inference_pb2_grpc.InferenceStub(channel).Chat(request, timeout=60):
-            assert not chunk.session_id
-            ids.extend(chunk.token_ids)
-            text += chunk.text
-            cached = chunk.usage.cached_prompt_tokens or cached
-    return ids, text, cached
 
 
 def _first_turn_on_the_second_replica(s: Servers, gateway: str) -> tuple[list, str]:
@@ -54,7 +26,7 @@ def _first_turn_on_the_second_replica(s: Servers, gateway: str) -> tuple[list, s
     assert blocker.started.wait(30)
     assert first.num_active == 1
     messages = [("user", USER)]
-    _, answer, _ = _chat(gateway, messages)
+    _, answer, _ = chat_turn(gateway, messages)
     assert blocker.join().code == "OK"
     return [*messages, ("assistant", answer), ("user", "And at noon?")], other.address
 
@@ -62,11 +34,11 @@ def _first_turn_on_the_second_replica(s: Servers, gateway: str) -> tuple[list, s
 @pytest.mark.parametrize("affinity", [True, False], ids=["affinity", "load-only"])
 def test_the_next_turn_follows_the_dialogue_prefix(affinity: bool) -> None:
     for s in servers():
-        replicas = [_shard(s, "never"), _shard(s, "never")]
+        replicas = [s.shard(prefix_fetch="never"), s.shard(prefix_fetch="never")]
         gateway = s.gateway(replicas, prefix_affinity=PrefixAffinityConfig(enabled=affinity))
         second, holder = _first_turn_on_the_second_replica(s, gateway)
         assert holder == replicas[1]
-        ids, _, cached = _chat(gateway, second)
+        ids, _, cached = chat_turn(gateway, second)
         # The replicas fetch no prefix: a cached prompt means the turn went to holder.
         router = s.gateways[-1].router
         if affinity:
@@ -76,27 +48,27 @@ def test_the_next_turn_follows_the_dialogue_prefix(affinity: bool) -> None:
             assert router.decisions["prefix"] == 0
             # Both replicas idle: load alone picks the first one, which has nothing.
             assert cached == 0
-        reference, _, _ = _chat(s.gateway([_shard(s, "never")]), second)
+        reference, _, _ = chat_turn(s.gateway([s.shard(prefix_fetch="never")]), second)
         assert ids == reference
 
 
 def test_a_turn_away_from_the_prefix_fetches_it_from_its_holder() -> None:
     for s in servers():
-        replicas = [_shard(s, "always"), _shard(s, "always")]
+        replicas = [s.shard(prefix_fetch="always"), s.shard(prefix_fetch="always")]
         gateway = s.gateway(replicas)
         second, holder = _first_turn_on_the_second_replica(s, gateway)
         # Out of rotation (it still answers ExportKv).
         with grpc.insecure_channel(gateway) as channel:
             shard_pb2_grpc.AdminStub(channel).Drain(shard_pb2.DrainRequest(replica=holder))
-        ids, _, cached = _chat(gateway, second)
+        ids, _, cached = chat_turn(gateway, second)
         assert cached >= 64, f"only {cached} prompt tokens came from a cache"
-        reference, _, fresh_cached = _chat(s.gateway([_shard(s, "never")]), second)
+        reference, _, fresh_cached = chat_turn(s.gateway([s.shard(prefix_fetch="never")]), second)
         assert fresh_cached == 0 and ids == reference
 
 
 def test_a_replica_seen_again_after_a_failure_is_forgotten() -> None:
     for s in servers():
-        replicas = [_shard(s, "never"), _shard(s, "never")]
+        replicas = [s.shard(prefix_fetch="never"), s.shard(prefix_fetch="never")]
         s.gateway(replicas)
         router = s.gateways[-1].router
         assert router.prefixes is not None

@@ -6,62 +6,34 @@ it had computed it; the fetch decision follows the link model."""
 from __future__ import annotations
 
 import grpc
-from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2, shard_pb2_grpc
+from shardwire.v1 import shard_pb2, shard_pb2_grpc
 
 from serve.comm.linkmodel import LinkModel
-from serve.config import EngineConfig, ShardConfig
-from serve.shard.app import start_shard
 from serve.shard.kv_transfer import predict_fetch_s, should_fetch
-from tests.fixtures.servers import Servers, servers
+from tests.fixtures.servers import servers
+from tests.fixtures.streams import chat_turn
 
 USER = "Tell me about the weather in the mountains near the lake. " * 6
 
 
-def _shard(s: Servers, prefix_fetch: str) -> str:
-    config = ShardConfig(
-        port=0, engine=EngineConfig(kv_cache_bytes=16 * 1024 * 1024), prefix_fetch=prefix_fetch
-    )
-    server = s.run(start_shard(config), 120)
-    s.shards.append(server)
-    return f"127.0.0.1:{server.port}"
-
-
-def _chat(target: str, messages: list[tuple[str, str]]) -> tuple[list[int], str, int]:
-    """(token ids, text, cached prompt tokens) of one greedy Chat turn in session s1."""
-    request = inference_pb2.ChatRequest(
-        messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages],
-        sampling=inference_pb2.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
-        session_id="s1",
-    )
-    ids: list[int] = []
-    text = ""
-    cached = 0
-    with grpc.insecure_channel(target) as channel:
-        for chunk in inference_pb2_grpc.InferenceStub(channel).Chat(request, timeout=60):
-            ids.extend(chunk.token_ids)
-            text += chunk.text
-            cached = chunk.usage.cached_prompt_tokens or cached
-    return ids, text, cached
-
-
 def test_next_turn_on_another_replica_fetches_the_prefix() -> None:
     for s in servers():
-        replicas = [_shard(s, "always"), _shard(s, "always")]
+        replicas = [s.shard(prefix_fetch="always"), s.shard(prefix_fetch="always")]
         gateway = s.gateway(replicas)
         first = [("user", USER)]
-        _, answer, _ = _chat(gateway, first)
+        _, answer, _ = chat_turn(gateway, first, "s1")
         served = s.gateways[0].router.bound_replica("s1")
         assert served in replicas
         # Take the replica that holds the dialogue out of rotation (it still answers).
         with grpc.insecure_channel(gateway) as channel:
             shard_pb2_grpc.AdminStub(channel).Drain(shard_pb2.DrainRequest(replica=served))
         second = [*first, ("assistant", answer), ("user", "And tomorrow?")]
-        ids, _, cached = _chat(gateway, second)
+        ids, _, cached = chat_turn(gateway, second, "s1")
         assert s.gateways[0].router.bound_replica("s1") != served
         assert cached >= 64, f"only {cached} prompt tokens came from a cache"
         # The same turn on a replica that computes everything itself.
-        fresh = s.gateway([_shard(s, "never")])
-        reference, _, fresh_cached = _chat(fresh, second)
+        fresh = s.gateway([s.shard(prefix_fetch="never")])
+        reference, _, fresh_cached = chat_turn(fresh, second, "s1")
         assert fresh_cached == 0
         assert ids == reference
 
