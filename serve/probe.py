@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from serve.config import TLSClientConfig
 
 if TYPE_CHECKING:
     import grpc
@@ -20,50 +20,34 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ProbeTLS:
-    """TLS of the probe's channel: off unless `enabled` (or a CA or certificate is
-    given); CA, certificate and key are PEM file paths ('' for none)."""
-
-    enabled: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    server_name: str = ""
-
-    @property
-    def is_on(self) -> bool:
-        return self.enabled or bool(self.ca_file or self.cert_file)
-
-
-def _read(path: str) -> bytes | None:
-    return Path(path).read_bytes() if path else None
-
-
-def _channel(target: str, tls: ProbeTLS) -> grpc.Channel:
+def _channel(target: str, tls: TLSClientConfig, system_roots: bool) -> grpc.Channel:
+    """Plaintext, or TLS with the given CA (or the system's roots) and client cert."""
     import grpc
 
-    if not tls.is_on:
+    from serve.gateway.tls import channel_credentials
+
+    if system_roots and not tls.enabled:
+        credentials: grpc.ChannelCredentials | None = grpc.ssl_channel_credentials()
+    else:
+        credentials = channel_credentials(tls)  # None: plaintext
+    if credentials is None:
         return grpc.insecure_channel(target)
-    if bool(tls.cert_file) != bool(tls.key_file):
-        raise ValueError("--tls-cert and --tls-key go together")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca_file),
-        private_key=_read(tls.key_file),
-        certificate_chain=_read(tls.cert_file),
-    )
     options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
     return grpc.secure_channel(target, credentials, options=options)
 
 
 def check(
-    target: str, service: str = "", timeout_s: float = 2.0, tls: ProbeTLS | None = None
+    target: str,
+    service: str = "",
+    timeout_s: float = 2.0,
+    tls: TLSClientConfig | None = None,
+    system_roots: bool = False,
 ) -> tuple[bool, str]:
     """(whether `target` reports `service` SERVING, the status or error in words)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with _channel(target, tls or ProbeTLS()) as channel:
+    with _channel(target, tls or TLSClientConfig(), system_roots) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=service)
         try:
@@ -94,9 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    tls = ProbeTLS(a.tls, a.tls_ca, a.tls_cert, a.tls_key, a.tls_server_name)
+    tls = TLSClientConfig(a.tls_ca, a.tls_cert, a.tls_key, a.tls_server_name)
     try:
-        serving, what = check(a.target, a.service, a.timeout, tls)
+        serving, what = check(a.target, a.service, a.timeout, tls, system_roots=a.tls)
     except (OSError, ValueError) as err:
         serving, what = False, f"bad TLS settings: {err}"
     name = a.service or "(server)"
