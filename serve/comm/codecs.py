@@ -482,12 +482,12 @@ def _decode_inner(
         bad = codes == -8
         vals = codes.float()
     y = (_blockify(vals, spec.block_size) * scale[:, None]).reshape(-1)[:n]
-    qmax = INT8_QMAX if spec.name == "int8" else INT4_QMAX if spec.name == "int4" else math.inf
-    peak = float(scale.max()) * qmax if scale.numel() and y.device.type == "cpu" else 0.0
-    if y.device.type == "cpu" and not bool(bad.any()) and peak <= torch.finfo(dtype).max:
-        # Nothing to mark NaN, nothing past dtype's range: the where and clamp passes
-        # would change nothing.
-        return y.to(dtype).reshape(shape)
+    if spec.name != "fp8" and y.device.type == "cpu" and not bool(bad.any()):
+        # Nothing to mark NaN; when no code times its scale leaves dtype's range
+        # either, the where and clamp passes would change nothing.
+        qmax = INT8_QMAX if spec.name == "int8" else INT4_QMAX
+        if not scale.numel() or float(scale.max()) * qmax <= torch.finfo(dtype).max:
+            return y.to(dtype).reshape(shape)
     return _finish(torch.where(bad, math.nan, y), dtype, shape)
 
 
