@@ -9,10 +9,8 @@ import asyncio
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -22,6 +20,7 @@ from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
 from clients.client import Client
 from serve.launch import free_port, wait_serving
 from tests.fixtures.processes import kill_tree, start_cli
+from tests.fixtures.streams import ClientStream
 
 NUM_STREAMS = 10
 # Tokens per stream: a few seconds of decoding for ten streams on two shared cores.
@@ -67,44 +66,10 @@ def gateway_factory(shard: str) -> Iterator:
         kill_tree(proc)
 
 
-@dataclass
-class Stream:
-    """One long generation on its own thread."""
-
-    target: str
-    index: int
-    max_tokens: int
-    started: threading.Event = field(default_factory=threading.Event)
-    num_tokens: int = 0
-    finish_reason: str | None = None
-    code: str = "OK"
-    ended_at: float = 0.0
-    thread: threading.Thread | None = None
-
-    def start(self) -> Stream:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            with Client(self.target, timeout=60) as client:
-                stream = client.generate(
-                    f"stream {self.index}", max_tokens=self.max_tokens, ignore_eos=True
-                )
-                for chunk in stream:
-                    self.num_tokens += len(chunk.token_ids)
-                    self.finish_reason = chunk.finish_reason
-                    self.started.set()
-        except grpc.RpcError as err:
-            self.code = err.code().name
-        finally:
-            self.ended_at = time.monotonic()
-            self.started.set()
-
-
-def _open_streams(target: str, max_tokens: int) -> list[Stream]:
-    streams = [Stream(target, i, max_tokens).start() for i in range(NUM_STREAMS)]
+def _open_streams(target: str, max_tokens: int) -> list[ClientStream]:
+    streams = [
+        ClientStream(target, i, max_tokens, timeout_s=60).start() for i in range(NUM_STREAMS)
+    ]
     for s in streams:
         assert s.started.wait(30), "a stream did not start"
     assert all(s.finish_reason is None and s.code == "OK" for s in streams), "streams too short"

@@ -8,18 +8,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-import grpc
 import pytest
 
 from clients.client import Client
 from serve.launch import free_port, wait_serving
 from tests.fixtures.processes import kill_tree, start_cli
 from tests.fixtures.servers import shard_status
+from tests.fixtures.streams import ClientStream
 
 NUM_STREAMS = 4
 LONG = 1000
@@ -52,47 +50,6 @@ def deployment() -> Iterator[tuple[str, dict[str, subprocess.Popen]]]:
             kill_tree(proc)
 
 
-@dataclass
-class Stream:
-    """One long greedy generation on its own thread."""
-
-    target: str
-    index: int
-    max_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    code: str = "OK"
-    started: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def start(self) -> Stream:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    def _run(self) -> None:
-        try:
-            with Client(self.target, timeout=90) as client:
-                stream = client.generate(
-                    f"stream {self.index}",
-                    max_tokens=self.max_tokens,
-                    ignore_eos=True,
-                    temperature=0.0,
-                )
-                for chunk in stream:
-                    self.token_ids.extend(chunk.token_ids)
-                    self.finish_reason = chunk.finish_reason
-                    self.started.set()
-        except grpc.RpcError as err:
-            self.code = err.code().name
-        finally:
-            self.started.set()
-
-
 def _replica_of(address: str) -> int:
     """Requests running on a replica (its Status)."""
     status = shard_status(address)
@@ -101,7 +58,7 @@ def _replica_of(address: str) -> int:
 
 def test_sigterm_moves_the_requests_to_the_other_replica(deployment) -> None:
     target, procs = deployment
-    streams = [Stream(target, i, LONG).start() for i in range(NUM_STREAMS)]
+    streams = [ClientStream(target, i, LONG, temperature=0.0).start() for i in range(NUM_STREAMS)]
     for s in streams:
         assert s.started.wait(30)
     busy, proc = max(procs.items(), key=lambda item: _replica_of(item[0]))
@@ -115,7 +72,7 @@ def test_sigterm_moves_the_requests_to_the_other_replica(deployment) -> None:
         s.thread.join(60)  # type: ignore[union-attr]
         assert (s.code, s.finish_reason, s.num_tokens) == ("OK", "length", LONG)
     # The same prompts again, now all on the remaining replica: the same tokens.
-    again = [Stream(target, s.index, LONG).start() for s in streams]
+    again = [ClientStream(target, s.index, LONG, temperature=0.0).start() for s in streams]
     for s, reference in zip(streams, again, strict=True):
         reference.thread.join(60)  # type: ignore[union-attr]
         assert reference.code == "OK" and reference.token_ids == s.token_ids
