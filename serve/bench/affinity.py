@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serve.bench.realtime import sentence, start_deployment_argv, stop_deployment
+from serve.bench.realtime import sentence, start_deployment, stop_deployment, wait_and_warm_up
 from serve.bench.stats import median, percentile
 
 MODES = ("prefix affinity", "load only")
@@ -173,28 +173,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
-    import asyncio
-    import subprocess
-
-    from clients.client import Client
-    from serve.launch import free_port, wait_serving
+    from serve.launch import free_port
 
     ports = {mode: free_port() for mode in MODES}
     targets = {mode: f"127.0.0.1:{port}" for mode, port in ports.items()}
     procs = {}
     for mode in MODES:
-        argv_ = start_deployment_argv(args.model, ports[mode], True, args.kv_cache_mb)
-        argv_ += ["--replicas", "2"]
-        if mode == "load only":
-            argv_.append("--no-prefix-affinity")
-        procs[mode] = subprocess.Popen(argv_, start_new_session=True)
+        extra = ["--replicas", "2", *(["--no-prefix-affinity"] if mode == "load only" else [])]
+        procs[mode] = start_deployment(args.model, ports[mode], True, args.kv_cache_mb, extra)
     began = time.perf_counter()
     results: dict[str, list[ModeResult]] = {mode: [] for mode in MODES}
     try:
-        for mode in MODES:
-            asyncio.run(wait_serving(targets[mode], 300, procs[mode]))
-            with Client(targets[mode], timeout=300) as client:
-                list(client.chat("warm up", max_tokens=4))
+        wait_and_warm_up([(targets[mode], procs[mode]) for mode in MODES])
         for round_index in range(args.rounds):
             # Fresh dialogues each round (nothing cached from the last one), the same
             # ones for both deployments.

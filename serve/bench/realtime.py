@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,21 +105,32 @@ def sentence(rng: random.Random, num_chars: int) -> str:
     return " ".join(words).capitalize()[:num_chars].rstrip() + "."
 
 
-def start_deployment_argv(model: str, port: int, prefix_caching: bool, kv_mb: int) -> list[str]:
-    """The command line of a `shardwire up` deployment on `port`."""
+def start_deployment(
+    model: str, port: int, prefix_caching: bool, kv_mb: int, extra: Sequence[str] = ()
+) -> subprocess.Popen:
+    """`shardwire up` on `port`, with `extra` arguments to `up`."""
     argv = [
         sys.executable, "-m", "serve.cli", "--log-level", "warning", "up",
         "--model", model, "--port", str(port), "--metrics-port", "-1",
-        "--kv-cache-mb", str(kv_mb), "--no-restart",
+        "--kv-cache-mb", str(kv_mb), "--no-restart", *extra,
     ]  # fmt: skip
     if not prefix_caching:
         argv.append("--no-prefix-caching")
-    return argv
-
-
-def start_deployment(model: str, port: int, prefix_caching: bool, kv_mb: int) -> subprocess.Popen:
-    argv = start_deployment_argv(model, port, prefix_caching, kv_mb)
     return subprocess.Popen(argv, start_new_session=True)
+
+
+def wait_and_warm_up(deployments: Sequence[tuple[str, subprocess.Popen]]) -> None:
+    """Waits until every deployment serves, then sends each one a short chat."""
+    import asyncio
+
+    from clients.client import Client
+    from serve.launch import wait_serving
+
+    for target, proc in deployments:
+        asyncio.run(wait_serving(target, 300, proc))
+    for target, _ in deployments:
+        with Client(target, timeout=300) as client:
+            list(client.chat("warm up", max_tokens=4))
 
 
 def stop_deployment(proc: subprocess.Popen) -> None:
@@ -319,10 +330,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
-    import asyncio
 
-    from clients.client import Client
-    from serve.launch import free_port, wait_serving
+    from serve.launch import free_port
 
     rng = random.Random(args.seed)
     ports = free_port(), free_port()
@@ -333,11 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     began = time.perf_counter()
     try:
-        for target, proc in zip((cached, uncached), procs, strict=True):
-            asyncio.run(wait_serving(target, 300, proc))
-        for target in (cached, uncached):  # warm-up
-            with Client(target, timeout=300) as c:
-                list(c.chat("warm up", max_tokens=4))
+        wait_and_warm_up(list(zip((cached, uncached), procs, strict=True)))
         runs = []
         for d in range(args.dialogues):
             print(f"dialogue {d + 1}/{args.dialogues}", flush=True)
