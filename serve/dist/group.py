@@ -205,6 +205,9 @@ PLAN_STEP, PLAN_HEARTBEAT, PLAN_STOP = 0, 1, 2
 PLAN_KV_READ, PLAN_KV_WRITE = 3, 4
 # Tokens one KV op may cover (KV moves go in chunks far below this).
 MAX_KV_OP_TOKENS = 1 << 16
+# gloo tag of the KV heads a rank hands the leader for a step's taps (sent from
+# inside the forward pass, while the comm thread may have all-reduces in flight).
+TAP_TAG = 0x5354
 # KV travels between ranks as the integers of its bits (exact, any float dtype).
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -227,6 +230,8 @@ class PlanChannel:
     """Leader -> ranks: step plans, heartbeats while idle, and stop; and, between
     steps, KV ops that read or write every rank's KV heads of a few tokens (KV
     moves of a TP replica: the wire carries all heads, each rank holds its own).
+    Inside a step whose plan has taps, each rank sends the leader its heads of the
+    tapped tokens after every layer (`tap_send`, `tap_gather`).
 
     Each message is a kind tensor, then (for steps) the packed header and
     payload, (for KV ops) the block table, then the KV itself. Two ranks use
@@ -315,12 +320,24 @@ class PlanChannel:
         """Leader: every rank's KV of op ([2, n, local heads, head_dim] each, in rank
         order); `mine` is the leader's own."""
         self._send_kv_op(PLAN_KV_READ, op)
+        return self._gather(mine, tag=0)
+
+    def tap_gather(self, mine: torch.Tensor) -> list[torch.Tensor]:
+        """Leader, inside a step with taps: every rank's heads of one tap after one
+        layer ([2, n, local heads, head_dim] each, in rank order)."""
+        return self._gather(mine, tag=TAP_TAG)
+
+    def _gather(self, mine: torch.Tensor, tag: int) -> list[torch.Tensor]:
         pieces = [mine]
         for rank in range(1, self.size):
             piece = torch.empty_like(as_bits(mine))
-            dist.recv(piece, src=rank)
+            dist.recv(piece, src=rank, tag=tag)
             pieces.append(piece.view(mine.dtype))
         return pieces
+
+    def tap_send(self, mine: torch.Tensor) -> None:
+        """A rank's part of tap_gather."""
+        dist.send(as_bits(mine), dst=0, tag=TAP_TAG)
 
     def kv_read_reply(self, mine: torch.Tensor) -> None:
         """A rank's part of kv_read: its KV of the op to the leader."""

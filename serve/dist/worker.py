@@ -105,7 +105,7 @@ def serve_worker(config: ShardConfig) -> int:
     if channel is None:
         raise ValueError("serve_worker needs a TP group of size > 1")
     num_blocks = num_kv_blocks(model, config.engine)
-    runner = ModelRunner(model, config.engine, num_blocks)
+    runner = ModelRunner(model, config.engine, num_blocks, channel)
     max_positions = model.config.max_position_embeddings
     channel.limits = PlanLimits(
         vocab_size=model.config.vocab_size,

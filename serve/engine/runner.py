@@ -13,7 +13,7 @@ import torch
 
 from serve.config import EngineConfig
 from serve.dist.group import PLAN_KV_READ, KvOp, ParallelGroup, PlanChannel
-from serve.dist.plan import StepPlan
+from serve.dist.plan import PlanTap, StepPlan
 from serve.engine.request import Request
 from serve.engine.sampler import sample
 from serve.engine.scheduler import SchedulerOutput
@@ -36,11 +36,12 @@ KvSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 class KvTap:
     """Receives a request's keys and values layer by layer, right after each layer
     of a step has written them (disaggregated prefill streams them out while the
-    next layers compute). Called on the engine thread with copies."""
+    next layers compute). Called on the engine thread with copies of every KV
+    head: a TP leader gathers the other ranks' heads after each layer."""
 
     sink: KvSink
-    # Per layer: tokens already handed to the sink.
-    num_sent: list[int]
+    # Tokens already handed to the sink (in every layer).
+    num_sent: int = 0
 
 
 def kv_slots(block_table: list[int], start: int, stop: int, block_size: int) -> torch.Tensor:
@@ -75,6 +76,8 @@ class ModelRunner:
         channel: PlanChannel | None = None,
     ) -> None:
         self.model = model
+        # A TP group's plan channel: the leader sends plans and KV ops on it, and
+        # every rank hands the leader its heads of tapped tokens over it.
         self.channel = channel
         self.block_size = config.block_size
         attn = model.model.layers[0].self_attn
@@ -91,9 +94,8 @@ class ModelRunner:
         # The first rank holding each piece, in piece order (whose heads a gather takes).
         self._piece_ranks = [pieces.index(i) for i in range(self._kv_piece[1])]
         self.taps: dict[str, KvTap] = {}
-        # This step's tapped requests: (tap, block table, tokens with KV after the step).
-        self._step_taps: list[tuple[KvTap, list[int], int]] = []
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        # This step's taps (the leader's, in the order of its plan's taps).
+        self._step_taps: list[KvTap] = []
 
     # -- KV in and out (see serve.shard.kv_transfer) ----------------------------------
 
@@ -166,41 +168,44 @@ class ModelRunner:
         self._write_own_heads(op, kv)
 
     def add_tap(self, request_id: str, sink: KvSink) -> None:
-        self.taps[request_id] = KvTap(sink, [0] * len(self.kv_caches))
-        if self.channel is not None:
-            return  # a TP leader reads tapped KV after the step (see _drain_taps)
-        if not self._hooks:
-            for index, layer in enumerate(self.model.model.layers):
-                self._hooks.append(layer.register_forward_hook(self._layer_hook(index)))
+        self.taps[request_id] = KvTap(sink)
 
     def remove_tap(self, request_id: str) -> None:
-        if self.taps.pop(request_id, None) is not None and not self.taps:
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks.clear()
+        self.taps.pop(request_id, None)
 
-    def _layer_hook(self, index: int) -> Callable[..., None]:
-        def after_layer(*_: object) -> None:
-            self._feed_taps(index, self.read_kv)
+    def _plan_taps(self, out: SchedulerOutput) -> list[PlanTap]:
+        """The step's taps, rows in plan order (decodes, then prefill chunks): the
+        tokens each tapped request's sink has not had yet, up to the step's end."""
+        self._step_taps = []
+        taps: list[PlanTap] = []
+        rows = [(r, 1) for r in out.decodes] + list(out.prefills)
+        for row, (req, n) in enumerate(rows):
+            tap = self.taps.get(req.request_id)
+            if tap is not None:
+                taps.append(PlanTap(row, tap.num_sent, req.num_computed_tokens + n))
+                self._step_taps.append(tap)
+        return taps
+
+    def _tap_layers(self, plan: StepPlan) -> Callable[[int], None]:
+        """What every rank does after each layer of a step with taps: a TP=1 runner
+        hands its KV of the tapped tokens to the sinks; in a TP group each rank
+        sends its heads to the leader, which hands every head to the sinks."""
+        tables = [plan.tap_table(t) for t in plan.taps]
+        leader = self.model.group.is_leader
+
+        def after_layer(index: int) -> None:
+            for i, (tap, table) in enumerate(zip(plan.taps, tables, strict=True)):
+                k, v = self.read_kv(index, table, tap.start, tap.stop)
+                if self.channel is not None:
+                    if not leader:
+                        self.channel.tap_send(torch.stack((k, v)))
+                        continue
+                    pieces = self.channel.tap_gather(torch.stack((k, v)))
+                    kv = torch.cat([pieces[r] for r in self._piece_ranks], dim=2)
+                    k, v = kv[0], kv[1]  # [n, every KV head, head_dim]
+                self._step_taps[i].sink(index, tap.start, k, v)
 
         return after_layer
-
-    def _drain_taps(self) -> None:
-        """The tapped KV of a TP leader's step, every head, once the step is done (the
-        other ranks are back at the plan channel, so the heads can be gathered)."""
-        for index in range(len(self.kv_caches)):
-            self._feed_taps(index, self.read_kv_all)
-
-    def _feed_taps(
-        self, index: int, read: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    ) -> None:
-        """Hands each tapped request the KV of layer `index` it has not had yet."""
-        for tap, table, stop in self._step_taps:
-            start = tap.num_sent[index]
-            if stop > start:
-                k, v = read(index, table, start, stop)
-                tap.sink(index, start, k, v)
-                tap.num_sent[index] = stop
 
     def prepare(self, out: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepPlan:
         bs = self.block_size
@@ -251,25 +256,26 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Logits [num_samples, vocab] (float32) for the plan's sampled rows."""
-        hidden = self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
+        model = self.model.model
+        model.after_layer = self._tap_layers(plan) if plan.taps else None
+        try:
+            hidden = self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
+        finally:
+            model.after_layer = None
         return self.model.compute_logits(hidden[plan.sample_indices])
 
     def execute(
         self, out: SchedulerOutput, block_tables: dict[str, list[int]]
     ) -> ModelRunnerOutput:
         plan = self.prepare(out, block_tables)
+        if self.taps:
+            plan.taps = self._plan_taps(out)
         if self.channel is not None:
             self.channel.send_plan(plan)
-        if self.taps:
-            self._step_taps = [
-                (self.taps[r.request_id], block_tables[r.request_id], r.num_computed_tokens + n)
-                for r, n in [(r, 1) for r in out.decodes] + out.prefills
-                if r.request_id in self.taps
-            ]
         try:
             logits = self.run(plan)
-            if self._step_taps and self.channel is not None:
-                self._drain_taps()
+            for tap, sent in zip(self._step_taps, plan.taps, strict=True):
+                tap.num_sent = sent.stop
         finally:
             self._step_taps = []
         reqs: list[Request] = list(out.decodes) + [

@@ -6,6 +6,7 @@ Parameter names follow Hugging Face checkpoints, so weights load by name.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,9 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, group, dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # Called with each layer's index once the layer is done (its KV written),
+        # while the next layers are still to run: taps of disaggregated prefill.
+        self.after_layer: Callable[[int], None] | None = None
 
     def forward(
         self,
@@ -148,8 +152,10 @@ class LlamaModel(nn.Module):
             return forward_overlapped(self, input_ids, positions, kv_caches, meta, bounds)
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         rope = self.rotary.lookup(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x = layer(x, rope, kv_cache, meta)
+            if self.after_layer is not None:
+                self.after_layer(index)
         return self.norm(x)
 
 

@@ -240,7 +240,7 @@ def _forward_pieces(
         xs[j] = r if x is None else x + r
         return xs[j]  # type: ignore[return-value]
 
-    for layer, kv_cache in zip(model.layers, kv_caches, strict=True):
+    for index, (layer, kv_cache) in enumerate(zip(model.layers, kv_caches, strict=True)):
         for j in range(len(spans)):
             x = land(j)
             h = layer.self_attn.partial(layer.input_layernorm(x), ropes[j], kv_cache, metas[j])
@@ -248,5 +248,7 @@ def _forward_pieces(
         for j in range(len(spans)):
             h = layer.mlp.partial(layer.post_attention_layernorm(land(j)))
             pending[j] = group.all_reduce_async(h)
+        if model.after_layer is not None:
+            model.after_layer(index)  # every piece's KV of this layer is written
     out = [land(j) for j in range(len(spans))]
     return model.norm(torch.cat(out))

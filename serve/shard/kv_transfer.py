@@ -22,9 +22,10 @@ slowest stage. The engine is only touched on its own thread (AsyncEngine.call);
 KV is read from blocks held for the move and written into blocks of a staged
 request that nothing schedules yet.
 
-Limits: KV moves carry every KV head and need TP=1 replicas on both ends (a TP
-leader holds only its head slice; gathering the other ranks' slices is not
-built). Block sizes and cache dtypes may differ between the ends.
+KV moves carry every KV head: a TP leader, which holds only its share, gathers
+the other ranks' heads (and scatters those it receives) through its step-plan
+channel (serve.engine.runner). Block sizes, cache dtypes and TP sizes may
+differ between the ends.
 """
 
 from __future__ import annotations

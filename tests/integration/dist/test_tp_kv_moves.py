@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +22,7 @@ from shardwire.v1 import shard_pb2
 from serve.config import CLUSTER_SECRET_ENV, EngineConfig, ShardConfig, TPConfig
 from serve.launch import free_port, shard_argv, wait_serving
 from serve.shard.app import start_shard
+from tests.fixtures import tp_tap_leader
 from tests.fixtures.servers import Servers, idle_free_blocks, servers, shard_status
 from tests.fixtures.streams import Stream
 from tests.integration.gateway.test_migration import MAX_TOKENS, MIGRATE_AT, _migrated_run, _run
@@ -97,9 +101,39 @@ def test_moves_between_tp2_and_tp1_keep_the_tokens(mixed, codec: str) -> None:
     assert idle_free_blocks(tp2, cluster_secret=SECRET) == total
 
 
+def test_tp2_taps_hand_over_each_layer_while_the_step_runs() -> None:
+    """A TP leader's tap gets every KV head of a layer as soon as that layer is
+    done on both ranks, before the next layer runs, and exactly the KV both ranks
+    hold (tests/fixtures/tp_tap_leader.py)."""
+    master_port = free_port()
+    cfg = tp_tap_leader.leader_config(master_port)
+    rank1 = dataclasses.replace(cfg, tp=dataclasses.replace(cfg.tp, rank=1))
+    worker = subprocess.Popen(shard_argv(rank1, "warning", "text"))
+    try:
+        leader = subprocess.run(
+            [sys.executable, "-m", "tests.fixtures.tp_tap_leader", str(master_port)],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        assert worker.wait(30) == 0
+    finally:
+        worker.kill()
+    report = json.loads(leader.stdout.strip().splitlines()[-1])
+    num_layers = 4
+    steps = [[0, 16], [16, 32], [32, 45]]  # chunked prefill, 16 tokens a step
+    expected: list[list] = []
+    for start, _ in steps:
+        for layer in range(num_layers):
+            expected += [["layer", layer], ["sink", layer, start]]
+    assert report["events"] == expected
+    assert report["exact"] == [True] * len(expected[1::2])
+    heads = report["num_kv_heads"]
+    assert [shape[1:] for shape in report["heads"]] == [[heads, 32]] * (num_layers * len(steps))
+    assert [shape[0] for shape in report["heads"]] == [b - a for a, b in steps for _ in range(4)]
+
+
 def test_tp2_prefill_hands_over_to_a_tp1_decode_replica() -> None:
-    """Disaggregated prefill from a TP leader: the tapped KV is gathered from both
-    ranks after the prefill step and streamed to the decode replica."""
+    """Disaggregated prefill from a TP leader: each layer's KV, gathered from both
+    ranks as the layer finishes, streams to the decode replica."""
     with tp2_replica("prefill") as prefill:
         for s in servers():
             colocated = s.gateway([s.shard(cluster_secret=SECRET)], cluster_secret=SECRET)

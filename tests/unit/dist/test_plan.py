@@ -11,6 +11,7 @@ from serve.dist.plan import (
     MAX_PLAN_INTS,
     PlanError,
     PlanLimits,
+    PlanTap,
     StepPlan,
     check_header,
     pack,
@@ -22,7 +23,8 @@ LIMITS = PlanLimits(vocab_size=100, num_blocks=16, block_size=4, max_model_len=6
 
 
 def make_plan() -> StepPlan:
-    """Two decodes (contexts 5 and 9) and two prefill chunks (3 new of 7, 4 of 4)."""
+    """Two decodes (contexts 5 and 9) and two prefill chunks (3 new of 7, 4 of 4);
+    taps on the second decode (tokens 8..9) and the first chunk (tokens 0..7)."""
     bs = 4
     dec_tables = torch.tensor([[1, 2, 0], [3, 4, 5]])
     dec_lens = torch.tensor([5, 9])
@@ -34,7 +36,8 @@ def make_plan() -> StepPlan:
     slots = torch.tensor([2 * bs + 0, 5 * bs + 0, 7 * bs, 7 * bs + 1, 7 * bs + 2, 32, 33, 34, 35])
     meta = AttentionMetadata(slots, 2, dec_tables, dec_lens, chunks, bs)
     ids = torch.arange(9) + 10
-    return StepPlan(ids, positions, meta, torch.tensor([0, 1, 4, 8]))
+    taps = [PlanTap(1, 8, 9), PlanTap(2, 0, 7)]
+    return StepPlan(ids, positions, meta, torch.tensor([0, 1, 4, 8]), taps)
 
 
 def assert_same(a: StepPlan, b: StepPlan) -> None:
@@ -50,6 +53,7 @@ def assert_same(a: StepPlan, b: StepPlan) -> None:
     ]
     for ca, cb in zip(a.meta.prefills, b.meta.prefills, strict=True):
         assert torch.equal(ca.block_table, cb.block_table)
+    assert a.taps == b.taps
 
 
 def test_round_trip() -> None:
@@ -58,6 +62,11 @@ def test_round_trip() -> None:
     assert check_header(header, LIMITS) == payload.numel()
     assert_same(unpack(header, payload, LIMITS), plan)
     assert_same(unpack(header, payload), plan)
+
+
+def test_taps_name_their_block_tables() -> None:
+    plan = unpack(*pack(make_plan()), LIMITS)
+    assert [plan.tap_table(t) for t in plan.taps] == [[3, 4, 5], [6, 7]]
 
 
 def edited(index: int, value: int, *, in_header: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +78,7 @@ def edited(index: int, value: int, *, in_header: bool) -> tuple[torch.Tensor, to
 @pytest.mark.parametrize(
     ("index", "value", "pattern"),
     [
-        (0, 2, "version"),
+        (0, 1, "version"),
         (1, -1, "impossible counts"),
         (1, 1 << 40, "impossible counts"),
         (2, 10, "impossible counts"),
@@ -82,6 +91,8 @@ def edited(index: int, value: int, *, in_header: bool) -> tuple[torch.Tensor, to
         (6, 8, "this rank's is 4"),
         (7, 1 << 40, "does not fit its header"),
         (7, 3, "does not fit its header"),
+        (8, 5, "5 taps for 4 sequences"),
+        (8, -1, "taps for"),
     ],
 )
 def test_bad_headers_are_refused(index: int, value: int, pattern: str) -> None:
@@ -105,7 +116,8 @@ def test_a_huge_declared_payload_is_refused_before_allocation() -> None:
 
 
 # Payload layout of make_plan(): ids 0-8, positions 9-17, slots 18-26, decode tables
-# 27-32, decode lens 33-34, prefill info 35-42, tables 43-45, samples 46-49.
+# 27-32, decode lens 33-34, prefill info 35-42, tables 43-45, samples 46-49, taps
+# 50-55 (row, start, stop each).
 @pytest.mark.parametrize(
     ("index", "value", "pattern"),
     [
@@ -128,6 +140,13 @@ def test_a_huge_declared_payload_is_refused_before_allocation() -> None:
         (43, -1, "block ids"),
         (46, 9, "sample indices"),
         (46, -1, "sample indices"),
+        (50, 4, "tap 0 names row 4"),
+        (50, -1, "tap 0 names row -1"),
+        (51, 9, r"tap 0: tokens \[9, 9\)"),
+        (51, -1, "tap 0: tokens"),
+        (52, 10, r"tap 0: tokens \[8, 10\) of a context of 9"),
+        (55, 8, r"tap 1: tokens \[0, 8\) of a context of 7"),
+        (53, 3, r"tap 1: tokens \[0, 7\) of a context of 4"),
     ],
 )
 def test_bad_payloads_are_refused(index: int, value: int, pattern: str) -> None:
