@@ -3,10 +3,8 @@
 #   docker run --rm -p 50051:50051 shardwire up --host 0.0.0.0
 #   docker run --rm shardwire shard --host 0.0.0.0 --model /models/NAME
 #
-# CPU PyTorch by default. For CUDA, pick a CUDA base and the matching wheel index:
-#   docker build -t shardwire:cuda \
-#     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+# CPU PyTorch: the engine computes on the CPU. BASE_IMAGE and TORCH_INDEX_URL pick
+# another base image or wheel index (a mirror, say).
 # A base without Python 3.11+ gets the distribution's python3 (Debian or Ubuntu bases).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}

@@ -134,9 +134,11 @@ class ParallelGroup:
 def init_process_group(
     rank: int, size: int, master_addr: str, master_port: int, timeout_s: float
 ) -> None:
-    """Joins the TP group: gloo on CPU, NCCL when CUDA is present. The timeout
+    """Joins the TP group over gloo: the engine keeps its model and KV cache on the
+    CPU, so every tensor between ranks (plans, KV ops, activations) is a CPU
+    tensor, which NCCL cannot carry, also on a host with GPUs. The timeout
     bounds every collective, so a dead or hung rank is noticed in seconds."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "gloo"
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend,
