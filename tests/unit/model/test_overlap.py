@@ -114,14 +114,24 @@ def test_pieces_give_the_whole_steps_hidden_states() -> None:
     step = stepper.prepare(decodes=[(0, 7)], prefills=[(1, ids(110)), (2, ids(150))])
     caches = copy.deepcopy(stepper.kv_caches)
     per_step = 1 + 2 * net.config.num_layers  # the embedding, then two per layer
+    layers_done: list[tuple[int, int]] = []  # (layer, all-reduces so far) per call
+    net.model.after_layer = lambda index: layers_done.append((index, comm.calls))
     with torch.inference_mode():
         comm.calls = 0
         whole = net(step.input_ids, step.positions, stepper.kv_caches, step.meta)
         assert comm.calls == per_step
+        # after_layer runs as each layer ends, on both paths (taps stream from it).
+        assert layers_done == [(i, 3 + 2 * i) for i in range(net.config.num_layers)]
         group.overlap = FORCED
         comm.calls = 0
+        layers_done.clear()
         pieces = net(step.input_ids, step.positions, caches, step.meta)
         assert comm.calls == FORCED.num_chunks * per_step
+        # Layer by layer, once every piece's attention (hence its KV) has landed; the
+        # MLPs' all-reduces may still be in flight.
+        k = FORCED.num_chunks
+        assert [i for i, _ in layers_done] == list(range(net.config.num_layers))
+        assert all(k * (2 + 2 * i) <= calls <= k * (3 + 2 * i) for i, calls in layers_done)
     torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
     for a, b in zip(caches, stepper.kv_caches, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
