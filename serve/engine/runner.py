@@ -175,14 +175,17 @@ class ModelRunner:
 
     def _plan_taps(self, out: SchedulerOutput) -> list[PlanTap]:
         """The step's taps, rows in plan order (decodes, then prefill chunks): the
-        tokens each tapped request's sink has not had yet, up to the step's end."""
+        tokens each tapped request's sink has not had yet, up to the step's end. A
+        request preempted after some of its KV went out recomputes it from an
+        earlier token: nothing goes out again until it passes what was sent."""
         self._step_taps = []
         taps: list[PlanTap] = []
         rows = [(r, 1) for r in out.decodes] + list(out.prefills)
         for row, (req, n) in enumerate(rows):
             tap = self.taps.get(req.request_id)
-            if tap is not None:
-                taps.append(PlanTap(row, tap.num_sent, req.num_computed_tokens + n))
+            stop = req.num_computed_tokens + n
+            if tap is not None and stop > tap.num_sent:
+                taps.append(PlanTap(row, tap.num_sent, stop))
                 self._step_taps.append(tap)
         return taps
 

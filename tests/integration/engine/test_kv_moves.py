@@ -80,6 +80,52 @@ def test_moved_at_token_40_goes_on_with_the_same_tokens(tiny, codec, temperature
         assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+def test_a_preempted_tapped_prefill_hands_each_token_over_once(tiny) -> None:
+    """Too few blocks for both requests: the tapped one is preempted part way
+    through its chunked prefill and recomputes from token 0. Its sink still gets
+    each token of each layer exactly once, in order, and the KV it got carries
+    the request on elsewhere with the reference tokens."""
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompt = [(5 * i) % 250 + 1 for i in range(130)]
+    reference = _finish_one(_engine(tiny), prompt, sp)
+    cfg = EngineConfig(
+        block_size=16, num_kv_blocks=10, max_num_batched_tokens=32, enable_prefix_caching=False
+    )
+    src = LLMEngine(tiny, cfg)
+    other = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    src.add_request(src.make_request("a", [3] * 20, other))
+    src.step()
+    src.add_request(src.make_request("h", prompt, sp))
+    pieces: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    src.add_tap("h", lambda layer, start, k, v: pieces.append((layer, start, k, v)))
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    src.suspend_at("h", 1, done)
+    tokens: list[int] = []
+    while not done.done():
+        for out in src.step():
+            if out.request_id == "h":
+                tokens.extend(out.new_token_ids)
+    assert src.stats().num_preemptions > 0, "the tapped request was never preempted"
+    for layer in range(tiny.config.num_layers):
+        spans = [(start, start + k.shape[0]) for i, start, k, _ in pieces if i == layer]
+        assert spans[0][0] == 0 and spans[-1][1] == len(prompt)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    suspension = done.result()
+    dst = _engine(tiny)
+    table = dst.stage(suspension.state, suspension.snapshot.num_tokens, exact=True)
+    for layer, start, k, v in pieces:
+        dst.runner.write_kv(layer, table, start, k, v)
+    src.release(suspension.snapshot)
+    src.end_suspended("h")
+    dst.start_staged("h")
+    assert _finish(dst, tokens) == reference
+
+
+def _finish_one(engine: LLMEngine, prompt: list[int], sp: SamplingParams) -> list[int]:
+    engine.add_request(engine.make_request("h", prompt, sp))
+    return _finish(engine, [])
+
+
 def test_held_blocks_are_not_reused_after_their_owner_left(tiny) -> None:
     engine = _engine(tiny)
     engine.add_request(engine.make_request("r", PROMPT, SamplingParams(max_tokens=4)))
