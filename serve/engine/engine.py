@@ -279,6 +279,9 @@ class LLMEngine:
         else:
             if tuple(req.prompt_token_ids) != state.prompt_token_ids:
                 raise InvalidArgument(f"request {rid!r} changed its prompt between KV moves")
+            if state.output_token_ids[: req.num_output_tokens] != tuple(req.output_token_ids):
+                raise InvalidArgument(f"request {rid!r}: its output does not extend the last")
+            self._check_state(state)
             req.output_token_ids = list(state.output_token_ids)
             req.seed = state.seed
         req.kv_exact = req.kv_exact and exact
@@ -295,17 +298,22 @@ class LLMEngine:
         req = self.make_request(
             state.request_id, list(state.prompt_token_ids), state.sampling, seed=state.seed
         )
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in state.output_token_ids):
-            raise InvalidArgument("output_token_ids: a token id is outside the vocabulary")
-        if state.num_tokens >= self.max_model_len:
-            raise InvalidArgument(f"request of {state.num_tokens} tokens exceeds the context")
+        self._check_state(state)
         req.output_token_ids = list(state.output_token_ids)
         req.num_cached_tokens = state.num_cached_tokens
         now = time.monotonic()
         req.arrival_time = now - state.queue_s
         req.first_scheduled_time = now
         return req
+
+    def _check_state(self, state: RequestState) -> None:
+        """What a handed-over request's output must satisfy before the engine runs it
+        (make_request checks the prompt and the sampling parameters)."""
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in state.output_token_ids):
+            raise InvalidArgument("output_token_ids: a token id is outside the vocabulary")
+        if state.num_tokens >= self.max_model_len:
+            raise InvalidArgument(f"request of {state.num_tokens} tokens exceeds the context")
 
     def drop_staged(self, request_id: str) -> bool:
         req = self.staged.pop(request_id, None)

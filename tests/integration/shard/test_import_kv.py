@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 import torch
-from shardwire.v1 import shard_pb2, shard_pb2_grpc
+from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
 
 from serve.comm.kv_codecs import KvCodec, encode_kv
 from serve.shard.kv_transfer import MAX_MESSAGE_BYTES
@@ -39,6 +39,35 @@ def _header(status: shard_pb2.StatusResponse, end_token: int = 32, **fields) -> 
         **fields,
     )
     return shard_pb2.KvChunk(header=header)
+
+
+def _request_header(
+    status: shard_pb2.StatusResponse, outputs: list[int], commit: bool = False
+) -> shard_pb2.KvChunk:
+    """A header of a running request (a migration's): a 32-token prompt and `outputs`."""
+    state = shard_pb2.RequestState(
+        request_id="moved",
+        prompt_token_ids=list(range(1, 33)),
+        output_token_ids=outputs,
+        sampling=inference_pb2.SamplingParams(max_tokens=64, temperature=0.0),
+    )
+    header = shard_pb2.KvHeader(
+        request_id="moved", geometry=status.kv_geometry, codec="none", end_token=32,
+        state=state, commit=commit,
+    )  # fmt: skip
+    return shard_pb2.KvChunk(header=header)
+
+
+def _moved_request(
+    status: shard_pb2.StatusResponse, first: list[int], later: list[int]
+) -> Messages:
+    """A request's KV, then a committing header whose state differs from the first."""
+    layers = status.kv_geometry.num_layers
+    return [
+        _request_header(status, first),
+        *(_chunk(status, layer, 0, 32) for layer in range(layers)),
+        _request_header(status, later, commit=True),
+    ]
 
 
 def _chunk(status: shard_pb2.StatusResponse, layer: int, start: int, n: int) -> shard_pb2.KvChunk:
@@ -141,6 +170,21 @@ HOSTILE: dict[str, tuple[Callable[[shard_pb2.StatusResponse], Messages], grpc.St
         grpc.StatusCode.INVALID_ARGUMENT,
         "",
     ),
+    "a later header with a token outside the vocabulary": (
+        lambda st: _moved_request(st, [5], [5, 1 << 20]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "outside the vocabulary",
+    ),
+    "a later header past the context": (
+        lambda st: _moved_request(st, [5], [5] * 4096),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "exceeds the context",
+    ),
+    "a later header that rewrites the output": (
+        lambda st: _moved_request(st, [5, 6], [7, 8, 9]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "does not extend",
+    ),
     "message past the cap": (
         lambda st: [
             _header(st),
@@ -162,6 +206,7 @@ def test_hostile_import_streams_are_refused(replica, case: str) -> None:
     assert isinstance(result, grpc.RpcError), f"{case}: accepted"
     assert result.code() is code, f"{case}: {result.code()} {result.details()}"
     assert message in (result.details() or "")
+    assert s.shards[0].engine.is_alive, f"{case}: the engine died"
     # The replica serves on, with every block back (a stream gRPC cut off is cleaned
     # up by its handler after the client already has the error).
     deadline = time.monotonic() + 10
