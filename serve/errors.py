@@ -38,6 +38,12 @@ class DeadlineExceeded(ShardwireError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Aborted(ShardwireError):
+    """The request was aborted while this call worked on it."""
+
+    code = "ABORTED"
+
+
 class EngineDead(ShardwireError):
     """The engine loop stopped; no request can be served by this replica."""
 

@@ -37,6 +37,7 @@ from serve.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    ShardwireError,
 )
 from serve.model.llama import LlamaForCausalLM
 
@@ -145,8 +146,10 @@ class LLMEngine:
         return Request(request_id, list(prompt_token_ids), sampling, self.eos_token_ids, seed)
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.scheduler.requests:
-            raise InvalidArgument(f"request_id {request.request_id!r} is already running")
+        rid = request.request_id
+        if rid in self.scheduler.requests or rid in self.suspended or rid in self.staged:
+            # (a staged or suspended request holds KV blocks under this id)
+            raise InvalidArgument(f"request_id {rid!r} is already running")
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -154,7 +157,8 @@ class LLMEngine:
         pending = self._suspend_at.pop(request_id, None)
         if pending is not None and pending[1].set_running_or_notify_cancel():
             pending[1].set_result(None)
-        self.drop_staged(request_id)
+        # A staged request is not dropped here: its import may still be writing into
+        # its blocks (KvTransfer.drop ends the import, then frees them).
         req = self.suspended.pop(request_id, None)
         if req is not None:
             self.kv.free(req)
@@ -588,7 +592,11 @@ class AsyncEngine:
             block = False
             if kind == "add":
                 request, handoff = arg  # type: ignore[misc]
-                self.engine.add_request(request)
+                try:
+                    self.engine.add_request(request)
+                except ShardwireError as exc:  # e.g. an id a staged import holds
+                    self._deliver(request.request_id, exc, True)
+                    continue
                 if handoff is not None:
                     self.engine.add_tap(request.request_id, handoff.sink)
                     self.engine.suspend_at(request.request_id, 1, handoff.suspended)

@@ -60,7 +60,13 @@ from serve.engine.engine import (
     undo_suspend,
 )
 from serve.engine.request import RequestOutput, RequestState, SamplingParams
-from serve.errors import FailedPrecondition, InvalidArgument, ShardwireError, Unavailable
+from serve.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    ShardwireError,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -213,7 +219,10 @@ class KvTransfer:
         self._open_channel = open_channel
         self._channels: dict[str, object] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
-        self._importing: set[str] = set()
+        # Imports in flight: their handler tasks (an abort cancels the import, whose
+        # clean-up frees its staged blocks once no decode writes into them).
+        self._importing: dict[str, asyncio.Task] = {}
+        self._aborted: set[str] = set()  # imports an abort cancelled
         # Per staged import: tokens of each layer sent from token 0 on, over all of its
         # streams (pre-copy rounds, then the final one). A stream that ends short of
         # its end_token in any layer is refused: its KV would be partly garbage.
@@ -514,7 +523,7 @@ class KvTransfer:
             raise FailedPrecondition(f"KV of {rid!r} is already being imported")
         geometry = self._check_geometry(header.geometry)
         codec = _codec(header.codec)
-        self._importing.add(rid)
+        self._importing[rid] = asyncio.current_task()  # type: ignore[assignment]
         self._cancel_expiry(rid)
         num_layers = header.geometry.num_layers
         arrived = self._arrived.setdefault(rid, [0] * num_layers)
@@ -561,7 +570,7 @@ class KvTransfer:
                 await sink.put(item)
             await sink.close()  # raises a chunk's decode error first
             _check_arrived(arrived, end_token)
-        except BaseException:
+        except BaseException as exc:
             self._arrived.pop(rid, None)
 
             async def abandon() -> None:
@@ -569,11 +578,14 @@ class KvTransfer:
                     await sink.discard()
                     await self.engine.call(lambda e: e.drop_staged(rid))
                 finally:
-                    self._importing.discard(rid)
+                    self._importing.pop(rid, None)
 
             await self._to_the_end(abandon())
+            if rid in self._aborted and isinstance(exc, asyncio.CancelledError):
+                self._aborted.discard(rid)
+                raise Aborted(f"request {rid!r} was aborted while its KV arrived") from None
             raise
-        self._importing.discard(rid)
+        self._importing.pop(rid, None)
         if header.prefix or commit:
             self._arrived.pop(rid, None)
         cached = 0
@@ -680,8 +692,11 @@ class KvTransfer:
         if self._started.pop(rid, None) is not None:
             self.engine.abort(rid)
             return True
-        if rid in self._importing:
-            return False
+        importing = self._importing.get(rid)
+        if importing is not None:
+            self._aborted.add(rid)
+            importing.cancel()  # its clean-up drops the staged blocks after the decodes
+            return True
         self._arrived.pop(rid, None)
         return await self.engine.call(lambda e: e.drop_staged(rid))
 

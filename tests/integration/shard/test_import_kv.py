@@ -6,6 +6,7 @@ refused, not cached half written. A message past gRPC's default 4 MiB still reac
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -222,3 +223,60 @@ def test_a_well_formed_prefix_is_imported(replica) -> None:
     result = _import(address, messages)
     assert isinstance(result, shard_pb2.ImportKvResponse), result
     assert result.num_tokens == 32 and result.cached_tokens == 32
+
+
+def _stub_call(address: str, method: str, request: object) -> object:
+    with grpc.insecure_channel(address) as channel:
+        stub = shard_pb2_grpc.ShardStub(channel)
+        try:
+            result = getattr(stub, method)(request, timeout=30)
+            return list(result) if method == "Generate" else result
+        except grpc.RpcError as err:
+            return err
+
+
+def test_an_abort_ends_an_import_in_flight_and_frees_its_blocks(replica) -> None:
+    """Abort of a request whose KV is still arriving ends the import (its blocks
+    are freed by the import's clean-up, after its decodes) instead of freeing
+    blocks the import goes on writing."""
+    s, address, status = replica
+    layers = status.kv_geometry.num_layers
+    stall = threading.Event()
+
+    def messages() -> Iterator[shard_pb2.KvChunk]:
+        yield _request_header(status, [5])
+        yield _chunk(status, 0, 0, 32)
+        stall.wait(30)  # the sender stalls part way
+        yield from (_chunk(status, layer, 0, 32) for layer in range(1, layers))
+
+    with grpc.insecure_channel(address) as channel:
+        future = shard_pb2_grpc.ShardStub(channel).ImportKv.future(messages(), timeout=30)
+        deadline = time.monotonic() + 10
+        while shard_status(address).kv_blocks_free == status.kv_blocks_total:
+            assert time.monotonic() < deadline, "the import never staged its blocks"
+            time.sleep(0.02)
+        _stub_call(address, "Abort", shard_pb2.AbortRequest(request_id="moved"))
+        stall.set()
+        with pytest.raises(grpc.RpcError) as err:
+            future.result(timeout=30)
+    assert err.value.code() is grpc.StatusCode.ABORTED, err.value.details()
+    assert idle_free_blocks(address) == status.kv_blocks_total
+    assert s.shards[0].engine.is_alive
+
+
+def test_a_generate_cannot_take_the_id_of_a_staged_request(replica) -> None:
+    s, address, status = replica
+    layers = status.kv_geometry.num_layers
+    staged = [_request_header(status, [5]), *(_chunk(status, i, 0, 32) for i in range(layers))]
+    assert isinstance(_import(address, staged), shard_pb2.ImportKvResponse)
+    request = shard_pb2.ShardGenerateRequest(
+        request_id="moved",
+        prompt_token_ids=[1, 2, 3],
+        sampling=inference_pb2.SamplingParams(max_tokens=4),
+    )
+    result = _stub_call(address, "Generate", request)
+    assert isinstance(result, grpc.RpcError)
+    assert result.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "already running" in (result.details() or "")
+    _stub_call(address, "Abort", shard_pb2.AbortRequest(request_id="moved"))
+    assert idle_free_blocks(address) == status.kv_blocks_total
