@@ -403,13 +403,17 @@ class KvTransfer:
                 encoded = [c async for c in self._chunks(snapshot, start, codec, stats, True)]
             response = await self._stream_to(request.target, messages())
         except BaseException as exc:
+            # The request goes on here: a pause still waiting is cancelled (which
+            # undoes it), one already taken is released and resumed in undo().
             pause = self._pauses.pop(rid, None) if not request.final else None
-            if pause is not None:
-                pause.cancel()  # the request goes on here
+            if pause is not None and not pause.done():
+                pause.cancel()
 
             reason = _describe(exc)
 
             async def undo() -> None:
+                if pause is not None and pause.done():
+                    await self._resume_unclaimed(rid, pause)
                 await self.engine.call(lambda e: e.release(snapshot))
                 if suspension is not None:
                     await self.engine.resume_suspended(rid)
@@ -477,7 +481,7 @@ class KvTransfer:
         suspension: Suspension = pause.result()
         await self.engine.call(lambda e: e.release(suspension.snapshot))
         await self.engine.resume_suspended(rid)
-        logger.warning("[%s] paused for a hand-over that did not come; going on here", rid)
+        logger.warning("[%s] paused for a hand-over that failed or did not come; going on", rid)
 
     async def _stream_to(
         self, target: str, messages: AsyncIterator[shard_pb2.KvChunk]

@@ -1,0 +1,90 @@
+"""Shard.MoveKv when the move fails, on a real replica (tiny model): a pre-copy
+that armed a pause at an output token and then failed leaves the request going
+on here, whether the pause was still waiting or already taken, and frees every
+block it held."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
+
+from tests.fixtures.servers import idle_free_blocks, servers, shard_status
+
+
+@pytest.fixture()
+def silent_target() -> Iterator[str]:
+    """An address that accepts connections and never answers (a hung replica)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
+def _generate(address: str, request: shard_pb2.ShardGenerateRequest, tokens: queue.Queue) -> None:
+    """Puts each chunk's token count, then "end" (or the error's status code)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            for chunk in shard_pb2_grpc.ShardStub(channel).Generate(request, timeout=120):
+                tokens.put(len(chunk.token_ids))
+            tokens.put("end")
+        except grpc.RpcError as err:
+            tokens.put(err.code())
+
+
+@pytest.mark.parametrize("pause_at", [1, 10_000])
+def test_a_failed_pre_copy_lets_the_paused_request_go_on(silent_target: str, pause_at: int) -> None:
+    """pause_at 1: the pause is taken at once, before the move fails; 10 000: it is
+    still waiting when the move fails."""
+    for s in servers():
+        address = s.shard()
+        total = shard_status(address).kv_blocks_total
+        tokens: queue.Queue = queue.Queue()
+        request = shard_pb2.ShardGenerateRequest(
+            request_id="m1",
+            prompt_token_ids=list(range(1, 40)),
+            sampling=inference_pb2.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True),
+        )
+
+        threading.Thread(target=_generate, args=(address, request, tokens), daemon=True).start()
+        assert isinstance(tokens.get(timeout=30), int)
+        move = shard_pb2.MoveKvRequest(
+            request_id="m1", target=silent_target, at_output_token=pause_at
+        )
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as err:
+            shard_pb2_grpc.ShardStub(channel).MoveKv(move, timeout=5.0)
+        failed = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert err.value.code() in failed, err.value.details()
+        # The request goes on here at once (not after the 30 s an unclaimed pause waits).
+        while not tokens.empty():
+            tokens.get()
+        started = time.monotonic()
+        items = []
+        while "end" not in items:
+            items.append(tokens.get(timeout=20))
+            assert not isinstance(items[-1], grpc.StatusCode), items[-1]
+        assert time.monotonic() - started < 20
+        assert idle_free_blocks(address) == total
+        engine = s.shards[0].engine.engine
+        assert not engine.suspended
