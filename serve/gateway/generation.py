@@ -218,8 +218,9 @@ async def _upstream(
     while True:
         migrated = False
         async for msg in stream:
-            if isinstance(stream, FailoverCall):
-                flight.replica = stream.replica  # moves on failover
+            if isinstance(stream, FailoverCall) and stream.replica is not flight.replica:
+                lease.move_to(stream.replica)  # moved on failover: so does its load
+                flight.replica = stream.replica
             record.replica = flight.replica.address
             ids = _fresh_ids(msg, flight)
             if ids:

@@ -100,6 +100,25 @@ def test_request_moves_to_another_replica_before_its_first_token(stack_factory) 
     assert second.is_healthy
 
 
+def test_a_request_that_failed_over_counts_on_its_new_replica(stack_factory) -> None:
+    stack = stack_factory(600.0)
+    first, second = stack.gateway.router.replicas
+    stack.run(stack.shards[0].server.stop(0))
+    result: list[tuple[int, str]] = []
+    thread = threading.Thread(target=lambda: result.append(_generate(stack.target, 600)))
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not second.num_active:
+        assert time.monotonic() < deadline, "the request never reached the second replica"
+        time.sleep(0.01)
+    # Its outstanding tokens moved with it: least-load routing sees the right replica.
+    assert (first.num_active, first.outstanding_tokens) == (0, 0)
+    assert second.outstanding_tokens > 0
+    thread.join(60)
+    assert result == [(600, "OK")]
+    assert (second.num_active, second.outstanding_tokens) == (0, 0)
+
+
 def test_stream_with_tokens_ends_with_unavailable(stack_factory) -> None:
     stack = stack_factory(600.0)
     result: list[tuple[int, str]] = []
