@@ -171,6 +171,18 @@ def _add_session_args(p: argparse.ArgumentParser) -> None:
         default=live.max_context_segments,
         help="the most context segments a client may ask for",
     )
+    p.add_argument(
+        "--live-config-timeout",
+        type=float,
+        default=live.config_timeout_s,
+        help="seconds a TranslateLive stream may take to send its config",
+    )
+    p.add_argument(
+        "--live-idle-timeout",
+        type=float,
+        default=live.idle_timeout_s,
+        help="seconds a TranslateLive stream may stay silent between messages",
+    )
 
 
 def _session_configs(a: argparse.Namespace) -> tuple[SessionConfig, LiveTranslateConfig]:
@@ -186,6 +198,8 @@ def _session_configs(a: argparse.Namespace) -> tuple[SessionConfig, LiveTranslat
         max_segment_bytes=a.live_max_segment_bytes,
         default_context_segments=a.live_context_segments,
         max_context_segments=a.live_max_context_segments,
+        config_timeout_s=a.live_config_timeout,
+        idle_timeout_s=a.live_idle_timeout,
     )
     return sessions, live
 

@@ -155,6 +155,10 @@ class LiveTranslateConfig:
     default_context_segments: int = 8
     # The most a client may ask for.
     max_context_segments: int = 64
+    # Seconds a stream may take to send its config, and may then stay silent
+    # between messages: an idle stream must not hold a stream slot for good.
+    config_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)

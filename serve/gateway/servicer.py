@@ -29,7 +29,13 @@ from google.protobuf.message import Message
 from shardwire.v1 import inference_pb2, inference_pb2_grpc
 
 from serve.config import LiveTranslateConfig, SessionConfig
-from serve.errors import FailedPrecondition, InvalidArgument, ShardwireError, Unavailable
+from serve.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ShardwireError,
+    Unavailable,
+)
 from serve.gateway import admission, prompts
 from serve.gateway.admission import (
     RETRY_AFTER_KEY,
@@ -391,7 +397,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> None:
         async with self._call("TranslateLive", "", context) as record:
             requests = aiter(request_iterator)
-            first = await anext(requests, None)
+            first = await _next_message(requests, self._live_limits.config_timeout_s, "config")
             if first is None or first.WhichOneof("kind") != "config":
                 raise InvalidArgument("the first TranslateLiveRequest must carry config")
             config = first.config
@@ -414,7 +420,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 )
 
             try:
-                await live.run(_segments(requests), emit)
+                await live.run(_segments(requests, self._live_limits.idle_timeout_s), emit)
             finally:
                 self._router.unbind(record.request_id)
                 logger.debug(
@@ -492,13 +498,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 async def _segments(
-    requests: AsyncIterator[inference_pb2.TranslateLiveRequest],
+    requests: AsyncIterator[inference_pb2.TranslateLiveRequest], idle_timeout_s: float
 ) -> AsyncIterator[SegmentInput]:
-    """The segment messages after the first; another config is refused."""
-    async for request in requests:
+    """The segment messages after the first; another config is refused, and so is
+    a stream silent for longer than idle_timeout_s."""
+    while (request := await _next_message(requests, idle_timeout_s, "message")) is not None:
         if request.WhichOneof("kind") != "segment":
             raise InvalidArgument("only the first TranslateLiveRequest may carry config")
         yield SegmentInput(request.segment.text, request.segment.final)
+
+
+async def _next_message(
+    requests: AsyncIterator[inference_pb2.TranslateLiveRequest], timeout_s: float, what: str
+) -> inference_pb2.TranslateLiveRequest | None:
+    """The stream's next message (None at its end), or DEADLINE_EXCEEDED when none
+    comes within timeout_s."""
+    try:
+        return await asyncio.wait_for(anext(requests, None), timeout_s)
+    except TimeoutError:
+        raise DeadlineExceeded(f"no TranslateLive {what} within {timeout_s:g} s") from None
 
 
 def _chat_size(messages: Sequence[ChatMessage]) -> int:

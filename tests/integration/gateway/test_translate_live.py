@@ -242,3 +242,32 @@ def test_streams_run_side_by_side(stack: Stack) -> None:
     for t in threads:
         t.join(60)
     assert results == {0: 4, 1: 4, 2: 4}
+
+
+def _then_silent(
+    messages: list[inference_pb2.TranslateLiveRequest], release: threading.Event
+) -> Iterator[inference_pb2.TranslateLiveRequest]:
+    yield from messages
+    release.wait(30)
+
+
+def test_silent_streams_end_and_give_their_slot_back() -> None:
+    """A stream that sends no config, or stays silent between segments, ends with
+    DEADLINE_EXCEEDED instead of holding one of the gateway's stream slots."""
+    live = LiveTranslateConfig(config_timeout_s=0.5, idle_timeout_s=1.0)
+    for s in servers():
+        gateway = s.gateway([s.shard()], live=live, max_concurrent_streams=1)
+        release = threading.Event()
+        with grpc.insecure_channel(gateway) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            for sent, what in (([], "config within 0.5 s"), ([_config(), _segment("Hi.")],
+                                                            "message within 1 s")):  # fmt: skip
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stub.TranslateLive(_then_silent(sent, release), timeout=30))
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert f"no TranslateLive {what}" in info.value.details()
+            release.set()
+        # The one stream slot is free again.
+        with Client(gateway, timeout=30) as c:
+            chunks = list(c.chat([{"role": "user", "content": "hi"}], max_tokens=2))
+        assert sum(len(chunk.token_ids) for chunk in chunks) == 2
