@@ -546,6 +546,8 @@ def _cmd_gateway(a: argparse.Namespace) -> int:
         replica_tls=_replica_tls(a),
         kv_codec=a.kv_codec,
         prefix_affinity=_prefix_affinity(a),
+        replica_keepalive_s=a.replica_keepalive,
+        replica_keepalive_timeout_s=a.replica_keepalive_timeout,
     )
     asyncio.run(run_gateway(cfg))
     return 0
@@ -672,6 +674,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls_args(gw, "the gateway's port")
     _add_cluster_secret_args(gw)
     _add_replica_tls_args(gw)
+    gw.add_argument(
+        "--replica-keepalive",
+        type=float,
+        default=GatewayConfig().replica_keepalive_s,
+        help="seconds a replica connection with calls in flight may stay silent "
+        "before it is pinged",
+    )
+    gw.add_argument(
+        "--replica-keepalive-timeout",
+        type=float,
+        default=GatewayConfig().replica_keepalive_timeout_s,
+        help="seconds an unanswered ping waits before the connection (and its calls) fail",
+    )
     gw.set_defaults(func=_cmd_gateway, parser=gw)
 
     probe = sub.add_parser(

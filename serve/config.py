@@ -206,6 +206,11 @@ class GatewayConfig:
     startup_timeout_s: float = 60.0
     # Seconds between Status polls of each replica (health and load).
     status_poll_interval_s: float = 1.0
+    # A replica connection with calls in flight that is silent this long is pinged,
+    # and closed (its calls fail over or end UNAVAILABLE) when no answer comes
+    # within the timeout: a replica that froze does not hold its streams for good.
+    replica_keepalive_s: float = 10.0
+    replica_keepalive_timeout_s: float = 20.0
     # Prometheus /metrics over HTTP on host:metrics_port; 0 picks a free port, -1 is off.
     metrics_port: int = -1
     # On SIGTERM: health NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight

@@ -173,7 +173,12 @@ async def start_gateway(config: GatewayConfig) -> GatewayServer:
         config.replicas,
         poll_interval_s=config.status_poll_interval_s,
         on_health_change=on_health_change,
-        open_channel=replica_channels(config.replica_tls, config.cluster_secret),
+        open_channel=replica_channels(
+            config.replica_tls,
+            config.cluster_secret,
+            keepalive_s=config.replica_keepalive_s,
+            keepalive_timeout_s=config.replica_keepalive_timeout_s,
+        ),
         prefix_affinity=config.prefix_affinity,
     )
     router.kv_codec = check_kv_codec(config.kv_codec) or router.kv_codec

@@ -52,19 +52,36 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Pings however long the calls stay silent (a long prefill sends nothing).
+    ("grpc.http2.max_pings_without_data", 0),
 )
+# A connection with calls in flight that stays silent this long is pinged, and
+# closed when a ping (this one, or one gRPC sends to size its window) is not
+# answered in time: the calls on a replica that froze or lost its link (with the
+# TCP connection still open) fail instead of hanging.
+KEEPALIVE_S = 10.0
+KEEPALIVE_TIMEOUT_S = 20.0
+# What a replica's server accepts (pings more often than this close a connection).
+MIN_PING_INTERVAL_MS = 500
 
 
 def replica_channels(
     tls: TLSClientConfig | None = None,
     cluster_secret: str = "",
     extra_options: Sequence[tuple[str, int | str]] = (),
+    keepalive_s: float = KEEPALIVE_S,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
 ) -> ChannelFactory:
-    """Channels to replicas: TLS when `tls` is on (plaintext otherwise), and the
-    cluster secret on every call when one is set."""
+    """Channels to replicas: TLS when `tls` is on (plaintext otherwise), the
+    cluster secret on every call when one is set, and keepalive pings."""
     tls = tls or TLSClientConfig()
     credentials = channel_credentials(tls)
-    options = [*CHANNEL_OPTIONS, *channel_options(tls), *extra_options]
+    keepalive = [
+        ("grpc.keepalive_time_ms", max(round(keepalive_s * 1000), MIN_PING_INTERVAL_MS)),
+        ("grpc.keepalive_timeout_ms", max(round(keepalive_timeout_s * 1000), 1)),
+        ("grpc.http2.ping_timeout_ms", max(round(keepalive_timeout_s * 1000), 1)),
+    ]
+    options = [*CHANNEL_OPTIONS, *keepalive, *channel_options(tls), *extra_options]
     interceptors = secret_metadata(cluster_secret) if cluster_secret else None
 
     def open_channel(address: str) -> grpc.aio.Channel:

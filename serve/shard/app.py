@@ -20,7 +20,7 @@ from serve.engine.engine import AsyncEngine, LLMEngine
 from serve.gateway.auth import cluster_secret_interceptor
 from serve.gateway.drain import DrainGate
 from serve.gateway.interceptor import ErrorInterceptor
-from serve.gateway.router import ChannelFactory, replica_channels
+from serve.gateway.router import MIN_PING_INTERVAL_MS, ChannelFactory, replica_channels
 from serve.gateway.tls import describe, is_loopback, server_credentials
 from serve.metrics import (
     MetricsServer,
@@ -123,6 +123,9 @@ async def start_shard(config: ShardConfig) -> ShardServer:
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # The gateway's and other replicas' keepalive pings (serve.gateway.router).
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     kv = KvTransfer(engine, peer_channels(config), config.prefix_fetch)
