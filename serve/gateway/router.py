@@ -276,7 +276,21 @@ class FailoverCall:
                 tried.add(target.address)
                 self.replica = target
                 self.num_retries += 1
-                self._call = target.start_generate(self._request, remaining)
+                self._call = target.start_generate(self._replanned(target), remaining)
+
+    def _replanned(self, target: ReplicaClient) -> shard_pb2.ShardGenerateRequest:
+        """The request for `target`: a KV move planned for the failed replica that
+        names the target itself (a hand-over to it, its own prefix) is dropped."""
+        if target.address not in (self._request.handoff_target, self._request.prefix_source):
+            return self._request
+        request = shard_pb2.ShardGenerateRequest()
+        request.CopyFrom(self._request)
+        if request.handoff_target == target.address:
+            request.handoff_target = ""
+        if request.prefix_source == target.address:
+            request.prefix_source = ""
+        self._request = request
+        return request
 
 
 class Lease:
@@ -489,11 +503,12 @@ class Router:
         self._affinity.pop(session_id, None)
 
     def _alternative(self, exclude: Collection[str]) -> ReplicaClient | None:
-        """The least loaded healthy replica whose address is not in `exclude`."""
+        """The least loaded healthy replica whose address is not in `exclude`, one
+        that takes prompts (not a decode-only replica) when there is one."""
         healthy = [r for r in self.healthy_replicas() if r.address not in exclude]
         if not healthy:
             return None
-        return min(healthy, key=_load)
+        return min(healthy, key=lambda r: (_is_decode_only(r), _load(r)))
 
     @contextlib.contextmanager
     def track_flight(self, flight: Flight) -> Iterator[Flight]:
@@ -541,3 +556,7 @@ class Router:
 
 def _load(replica: ReplicaClient) -> tuple[int, int]:
     return replica.outstanding_tokens, replica.num_active
+
+
+def _is_decode_only(replica: ReplicaClient) -> bool:
+    return replica.status is not None and replica.status.role == "decode"

@@ -7,6 +7,7 @@ Status, and comes back when it reports SERVING again."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from clients.client import Client
 from serve.config import EngineConfig, GatewayConfig, ShardConfig
 from serve.gateway.app import GatewayServer, start_gateway
 from serve.shard.app import SERVICE_NAME, ShardServer, start_shard
+from tests.fixtures.servers import idle_free_blocks, servers, shard_status
 
 
 @dataclass
@@ -157,3 +159,21 @@ def test_not_serving_replica_leaves_rotation_and_comes_back(stack_factory) -> No
     assert first.num_active == 0
     stack.run(health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING))
     wait(lambda: first.is_healthy, "back in rotation")
+
+
+def test_a_request_failing_over_from_a_prefill_replica_drops_its_hand_over(caplog) -> None:
+    """The prefill replica dies before its first token: the request goes to the
+    decode replica, which serves it whole instead of being told to hand the
+    request over to itself."""
+    caplog.set_level(logging.WARNING)
+    for s in servers():
+        prefill = s.shard(role="prefill")
+        decode = s.shard(role="decode")
+        gateway = s.gateway([prefill, decode], status_poll_interval_s=600.0)
+        assert _generate(gateway, 20) == (20, "OK")  # prefill -> decode hand-over
+        s.stop_shard(prefill)
+        caplog.clear()
+        assert _generate(gateway, 20) == (20, "OK")
+        handovers = [r.getMessage() for r in caplog.records if "hand-over to" in r.getMessage()]
+        assert handovers == []
+        assert idle_free_blocks(decode) == shard_status(decode).kv_blocks_total
