@@ -86,18 +86,27 @@ class Conversation:
 
         `answer` is the text the client received (after stop strings); `answer_ids`
         the ids the model generated for it (an end-of-sequence id may end them)."""
+        self.commit(self.appended(turn, answer, answer_ids))
+
+    def appended(
+        self, turn: TurnPrompt, answer: str, answer_ids: Sequence[int]
+    ) -> tuple[tuple[ChatMessage, ...], str, Sequence[int]]:
+        """What `append` would make the conversation, without changing it (safe on
+        another thread; `commit` applies it)."""
         messages = (*turn.messages, ChatMessage("assistant", answer))
         text = render_chat(self._tokenizer, messages, add_generation_prompt=False)
         start = len(turn.text)
         if not (text.startswith(turn.text) and text[start:].startswith(answer)):
             logger.debug("chat template does not extend the prompt; tokenizing the whole turn")
-            self._set(messages, text, self._tokenizer.encode(text, add_special_tokens=False))
-            return
+            return messages, text, self._tokenizer.encode(text, add_special_tokens=False)
         closing = text[start + len(answer) :]
         ids = array("I", turn.token_ids)
         ids.extend(self._answer_ids(answer, answer_ids))
         ids.extend(self._tokenizer.encode(closing, add_special_tokens=False))
-        self._set(messages, text, ids)
+        return messages, text, ids
+
+    def commit(self, state: tuple[tuple[ChatMessage, ...], str, Sequence[int]]) -> None:
+        self._set(*state)
 
     def _answer_ids(self, answer: str, generated: Sequence[int]) -> Sequence[int]:
         """The model's ids when they spell exactly `answer`; else `answer` tokenized.

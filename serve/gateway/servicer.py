@@ -22,7 +22,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -63,6 +63,8 @@ from serve.metrics import GatewayMetrics
 from serve.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Prompts longer than this (characters) are tokenized in a worker thread.
 OFF_LOOP_CHARS = 16_384
@@ -366,7 +368,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 reply_session_id=session.session_id,
             )
             if answer.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
-                await _tokenize(size, conv.append, turn, answer.text, answer.token_ids)
+                # Built off the loop for long conversations, applied here at once: a
+                # turn cancelled meanwhile leaves the session as it was.
+                state = await _tokenize(size, conv.appended, turn, answer.text, answer.token_ids)
+                conv.commit(state)
                 session.num_answers += 1
                 session.replica = record.replica
         finally:
@@ -524,9 +529,9 @@ def _chat_size(messages: Sequence[ChatMessage]) -> int:
     return sum(len(m.content) + MESSAGE_OVERHEAD_CHARS for m in messages)
 
 
-async def _tokenize(num_chars: int, build: Callable[..., list[int]], *args: Any) -> list[int]:
-    """Builds prompt ids; long texts are tokenized off the event loop so that other
-    streams keep flowing."""
+async def _tokenize(num_chars: int, build: Callable[..., T], *args: Any) -> T:
+    """Builds prompt ids (or a conversation's next state); long texts are tokenized
+    off the event loop so that other streams keep flowing."""
     if num_chars > OFF_LOOP_CHARS:
         return await asyncio.to_thread(build, *args)
     return build(*args)

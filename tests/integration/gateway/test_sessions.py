@@ -14,10 +14,13 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from shardwire.v1 import inference_pb2, inference_pb2_grpc
 
 from clients.cli import build_parser, chat_repl
 from clients.client import Chunk, Client
 from serve.config import SessionConfig
+from serve.gateway import servicer as gateway_servicer
+from serve.gateway.conversation import Conversation
 from serve.model.tokenizer import Tokenizer
 from tests.fixtures.servers import Servers, servers, shard_status
 
@@ -313,3 +316,50 @@ def test_repl_reopens_a_session_the_gateway_dropped(
     with Client(stack.reference, timeout=30) as ref:
         expected = _text(list(ref.chat(history[:3], max_tokens=4, temperature=0.0)))
     assert history[3]["content"] == expected
+
+
+def _turn(
+    stub: inference_pb2_grpc.InferenceStub, text: str, session_id: str = "", cancel: bool = False
+) -> inference_pb2.GenerateChunk:
+    """One append_only turn's last chunk; with `cancel`, the call is cancelled as soon
+    as that chunk arrives (while the gateway still commits the turn)."""
+    request = inference_pb2.ChatRequest(
+        messages=[inference_pb2.ChatMessage(role="user", content=text)],
+        session_id=session_id,
+        append_only=True,
+        sampling=inference_pb2.SamplingParams(max_tokens=8, temperature=0.0),
+    )
+    call = stub.Chat(request, timeout=30)
+    last = None
+    for chunk in call:  # to the end of the call: the turn is committed by then
+        if chunk.finish_reason:
+            last = chunk
+            if cancel:
+                call.cancel()
+                break
+    assert last is not None, "the turn ended without a last chunk"
+    return last
+
+
+def test_a_turn_cancelled_while_it_commits_leaves_the_session_as_it_was(monkeypatch) -> None:
+    """A long conversation's next state is built off the event loop. A client that
+    cancels then (right after the last chunk) must leave the session without that
+    turn, and not have it land later behind the next turn's back."""
+    monkeypatch.setattr(gateway_servicer, "OFF_LOOP_CHARS", 100)
+    appended = Conversation.appended
+
+    def slow(self: Conversation, *args: object) -> object:
+        time.sleep(0.5)  # a long conversation's tokenization
+        return appended(self, *args)
+
+    monkeypatch.setattr(Conversation, "appended", slow)
+    for s in servers():
+        with grpc.insecure_channel(s.gateway([s.shard()])) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            first = "x" * 120
+            moved, control = _turn(stub, first).session_id, _turn(stub, first).session_id
+            _turn(stub, "A second turn.", moved, cancel=True)
+            time.sleep(1.0)  # the cancelled turn's state is built by now
+            # Both sessions hold the first turn only: their next prompts are alike.
+            after_cancel = _turn(stub, "Third.", moved).usage.prompt_tokens
+            assert after_cancel == _turn(stub, "Third.", control).usage.prompt_tokens

@@ -136,3 +136,13 @@ def test_a_conversation_rebuilt_from_text_continues_like_a_kept_one() -> None:
     turn = rebuilt.prompt([ChatMessage("user", "c")])
     assert list(turn.token_ids) == _canonical(BUILTIN, [*messages, ChatMessage("user", "c")])
     assert rebuilt.num_bytes == 2
+
+
+def test_appended_changes_nothing_until_committed() -> None:
+    conv = Conversation(BUILTIN)
+    turn = conv.prompt([ChatMessage("user", "a")])
+    state = conv.appended(turn, "b", [])
+    assert conv.messages == () and conv.num_tokens == 0
+    conv.commit(state)
+    assert conv.messages == (ChatMessage("user", "a"), ChatMessage("assistant", "b"))
+    assert list(conv.token_ids) == list(state[2])
