@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
 
@@ -72,6 +72,8 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_KV_CODEC = "lossless"
 # A chunk holds one layer's KV of whole key groups, about CHUNK_BYTES per frame: large
@@ -330,10 +332,10 @@ class KvTransfer:
         codec = _codec(request.codec)
         self._check_ids(request.request_id, request.prefix_token_ids)
         if request.request_id:
-            snapshot = await self.engine.call(lambda e: e.snapshot(request.request_id))
+            snapshot = await self._hold(lambda e: e.snapshot(request.request_id))
         else:
             ids = list(request.prefix_token_ids)
-            snapshot = await self.engine.call(lambda e: e.snapshot_prefix(ids))
+            snapshot = await self._hold(lambda e: e.snapshot_prefix(ids))
         try:
             yield shard_pb2.KvChunk(
                 header=shard_pb2.KvHeader(
@@ -360,7 +362,7 @@ class KvTransfer:
         suspension: Suspension | None = None
         if request.prefix_token_ids:
             ids = list(request.prefix_token_ids)
-            snapshot = await self.engine.call(lambda e: e.snapshot_prefix(ids))
+            snapshot = await self._hold(lambda e: e.snapshot_prefix(ids))
             state = prefix_state(rid, snapshot.token_ids)
         elif request.final:
             pause = self._pauses.pop(rid, None)
@@ -372,7 +374,9 @@ class KvTransfer:
                 return shard_pb2.MoveKvResponse(moved=False)
             snapshot, state = suspension.snapshot, suspension.state
         else:
-            snapshot, state = await self.engine.call(lambda e: _snapshot_with_state(e, rid))
+            snapshot, state = await self._hold(
+                lambda e: _snapshot_with_state(e, rid), snapshot_of=lambda held: held[0]
+            )
             if request.at_output_token:
                 self._arm_pause(rid, request.at_output_token)
         stats = MoveStats()
@@ -622,6 +626,31 @@ class KvTransfer:
             decode_s=decode_clock.busy_s,
             cached_tokens=cached,
         )
+
+    async def _hold(
+        self,
+        take: Callable[[LLMEngine], T],
+        snapshot_of: Callable[[T], KvSnapshot] | None = None,
+    ) -> T:
+        """engine.call(take) for a call that holds a snapshot's blocks: when this task
+        is cancelled before the result reaches it (a deadline, a client gone), the
+        snapshot taken meanwhile on the engine thread is released, not leaked."""
+        task = asyncio.ensure_future(self.engine.call(take))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+
+            def release(done: asyncio.Future) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    return
+                held = done.result()
+                snapshot = held if snapshot_of is None else snapshot_of(held)
+                cleanup = asyncio.ensure_future(self.engine.call(lambda e: e.release(snapshot)))
+                self._cleanups.add(cleanup)
+                cleanup.add_done_callback(self._cleanups.discard)
+
+            task.add_done_callback(release)
+            raise
 
     async def _to_the_end(self, cleanup: Awaitable[object]) -> None:
         """Awaits `cleanup`, which runs to its end even if this task is cancelled

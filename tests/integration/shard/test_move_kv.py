@@ -1,7 +1,7 @@
-"""Shard.MoveKv when the move fails, on a real replica (tiny model): a pre-copy
+"""Shard.MoveKv and ExportKv when they fail, on a real replica (tiny model): a pre-copy
 that armed a pause at an output token and then failed leaves the request going
 on here, whether the pause was still waiting or already taken, and frees every
-block it held."""
+block it held; an export cancelled while its snapshot is taken releases it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import grpc
 import pytest
 from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
 
+from serve.engine.engine import LLMEngine
 from tests.fixtures.servers import idle_free_blocks, servers, shard_status
 
 
@@ -88,3 +89,32 @@ def test_a_failed_pre_copy_lets_the_paused_request_go_on(silent_target: str, pau
         assert idle_free_blocks(address) == total
         engine = s.shards[0].engine.engine
         assert not engine.suspended
+
+
+def test_an_export_cancelled_while_its_snapshot_is_taken_releases_it(monkeypatch) -> None:
+    """The deadline passes while the engine thread takes the snapshot (its blocks
+    held): the snapshot that arrives after the handler is gone is released."""
+    snapshot_prefix = LLMEngine.snapshot_prefix
+
+    def slow(self: LLMEngine, token_ids: list[int]) -> object:
+        time.sleep(0.5)
+        return snapshot_prefix(self, token_ids)
+
+    monkeypatch.setattr(LLMEngine, "snapshot_prefix", slow)
+    for s in servers():
+        address = s.shard()
+        total = shard_status(address).kv_blocks_total
+        prompt = list(range(1, 66))
+        request = shard_pb2.ShardGenerateRequest(
+            request_id="p",
+            prompt_token_ids=prompt,
+            sampling=inference_pb2.SamplingParams(max_tokens=1),
+        )
+        tokens: queue.Queue = queue.Queue()
+        _generate(address, request, tokens)  # its prompt's KV stays in the prefix cache
+        export = shard_pb2.ExportKvRequest(prefix_token_ids=prompt[:64], codec="none")
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as err:
+            list(shard_pb2_grpc.ShardStub(channel).ExportKv(export, timeout=0.2))
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.0)  # the snapshot has been taken (and released) by now
+        assert idle_free_blocks(address) == total
