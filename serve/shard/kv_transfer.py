@@ -532,7 +532,7 @@ class KvTransfer:
         geometry = self._check_geometry(header.geometry)
         codec = _codec(header.codec)
         self._importing[rid] = asyncio.current_task()  # type: ignore[assignment]
-        self._cancel_expiry(rid)
+        had_expiry = self._cancel_expiry(rid)
         num_layers = header.geometry.num_layers
         arrived = self._arrived.setdefault(rid, [0] * num_layers)
         decode_clock = StageClock()
@@ -589,6 +589,8 @@ class KvTransfer:
                     self._importing.pop(rid, None)
 
             await self._to_the_end(abandon())
+            if had_expiry and rid in self._started:
+                self._expire_later(rid)  # a refused import leaves its wait for Resume as it was
             if rid in self._aborted and isinstance(exc, asyncio.CancelledError):
                 self._aborted.discard(rid)
                 raise Aborted(f"request {rid!r} was aborted while its KV arrived") from None
@@ -703,10 +705,11 @@ class KvTransfer:
         if await self.engine.call(lambda e: e.drop_staged(rid)):
             logger.warning("[%s] staged KV dropped: not resumed within %.0f s", rid, STAGED_TTL_S)
 
-    def _cancel_expiry(self, rid: str) -> None:
+    def _cancel_expiry(self, rid: str) -> bool:
         handle = self._expiry.pop(rid, None)
         if handle is not None:
             handle.cancel()
+        return handle is not None
 
     async def resume(self, rid: str) -> AsyncIterator[RequestOutput]:
         """Resume: starts a request whose KV was handed over here."""

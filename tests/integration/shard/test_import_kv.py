@@ -43,17 +43,17 @@ def _header(status: shard_pb2.StatusResponse, end_token: int = 32, **fields) -> 
 
 
 def _request_header(
-    status: shard_pb2.StatusResponse, outputs: list[int], commit: bool = False
+    status: shard_pb2.StatusResponse, outputs: list[int], commit: bool = False, rid: str = "moved"
 ) -> shard_pb2.KvChunk:
     """A header of a running request (a migration's): a 32-token prompt and `outputs`."""
     state = shard_pb2.RequestState(
-        request_id="moved",
+        request_id=rid,
         prompt_token_ids=list(range(1, 33)),
         output_token_ids=outputs,
         sampling=inference_pb2.SamplingParams(max_tokens=64, temperature=0.0),
     )
     header = shard_pb2.KvHeader(
-        request_id="moved", geometry=status.kv_geometry, codec="none", end_token=32,
+        request_id=rid, geometry=status.kv_geometry, codec="none", end_token=32,
         state=state, commit=commit,
     )  # fmt: skip
     return shard_pb2.KvChunk(header=header)
@@ -279,4 +279,22 @@ def test_a_generate_cannot_take_the_id_of_a_staged_request(replica) -> None:
     assert result.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "already running" in (result.details() or "")
     _stub_call(address, "Abort", shard_pb2.AbortRequest(request_id="moved"))
+    assert idle_free_blocks(address) == status.kv_blocks_total
+
+
+def test_a_refused_import_keeps_a_handed_over_request_waiting_for_resume(replica) -> None:
+    """A request handed over here decodes until Resume comes or its wait expires; an
+    import for it that is refused must not cancel that expiry."""
+    s, address, status = replica
+    layers = status.kv_geometry.num_layers
+    chunks = [_chunk(status, layer, 0, 32) for layer in range(layers)]
+    handed_over = [_request_header(status, [5], commit=True, rid="h"), *chunks]
+    assert isinstance(_import(address, handed_over), shard_pb2.ImportKvResponse)
+    kv = s.shards[0].servicer.kv
+    assert "h" in kv._expiry
+    again = _import(address, [_request_header(status, [5], rid="h"), *chunks])
+    assert isinstance(again, grpc.RpcError)
+    assert again.code() is grpc.StatusCode.FAILED_PRECONDITION, again.details()
+    assert "h" in kv._expiry, "the refused import cancelled the wait's expiry"
+    _stub_call(address, "Abort", shard_pb2.AbortRequest(request_id="h"))
     assert idle_free_blocks(address) == status.kv_blocks_total
