@@ -110,15 +110,26 @@ def test_a_preempted_tapped_prefill_hands_each_token_over_once(tiny) -> None:
         spans = [(start, start + k.shape[0]) for i, start, k, _ in pieces if i == layer]
         assert spans[0][0] == 0 and spans[-1][1] == len(prompt)
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
-    suspension = done.result()
     dst = _engine(tiny)
+    _hand_over(src, dst, done.result(), pieces)
+    assert _finish(dst, tokens) == reference
+
+
+def _hand_over(
+    src: LLMEngine,
+    dst: LLMEngine,
+    suspension: Suspension,
+    pieces: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+) -> None:
+    """Stages the suspended request on dst with the tapped KV pieces, ends it on src
+    and starts it on dst."""
+    rid = suspension.state.request_id
     table = dst.stage(suspension.state, suspension.snapshot.num_tokens, exact=True)
     for layer, start, k, v in pieces:
         dst.runner.write_kv(layer, table, start, k, v)
     src.release(suspension.snapshot)
-    src.end_suspended("h")
-    dst.start_staged("h")
-    assert _finish(dst, tokens) == reference
+    src.end_suspended(rid)
+    dst.start_staged(rid)
 
 
 def _finish_one(engine: LLMEngine, prompt: list[int], sp: SamplingParams) -> list[int]:
@@ -179,10 +190,5 @@ def test_prefill_tap_hands_each_layer_over(tiny) -> None:
     starts = sorted({start for layer, start, _, _ in layers if layer == 0})
     assert starts == [0, 16, 32]
     assert len({layer for layer, *_ in layers}) == tiny.config.num_layers
-    table = dst.stage(suspension.state, suspension.snapshot.num_tokens, exact=True)
-    for layer, start, k, v in layers:
-        dst.runner.write_kv(layer, table, start, k, v)
-    src.release(suspension.snapshot)
-    src.end_suspended("r")
-    dst.start_staged("r")
+    _hand_over(src, dst, suspension, layers)
     assert _finish(dst, tokens) == reference
