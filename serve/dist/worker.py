@@ -51,8 +51,7 @@ def load_rank(config: ShardConfig) -> tuple[LlamaForCausalLM, PlanChannel | None
         timeout_s=tp.timeout_s,
     )
     group.comm = Communicator.start(tp.rank, tp.size, comm_config, dtype=model.dtype)
-    # Measured on gloo (CPU) ranks only; NCCL keeps whole steps until measured.
-    if tp.overlap_chunks > 1 and not torch.cuda.is_available():
+    if tp.overlap_chunks > 1:
         group.overlap = OverlapPolicy(tp.overlap_min_tokens, tp.overlap_chunks)
     check_same_overlap(group)
     if group.overlap.enabled and tp.comm_codec == "auto":
