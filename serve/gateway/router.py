@@ -276,6 +276,11 @@ class FailoverCall:
                 tried.add(target.address)
                 self.replica = target
                 self.num_retries += 1
+                if target.address == self._request.handoff_target:
+                    # The failed prefill replica may have begun pushing the request's KV
+                    # there: end that import first, or the id is taken.
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await target.abort(self._request.request_id)
                 self._call = target.start_generate(self._replanned(target), remaining)
 
     def _replanned(self, target: ReplicaClient) -> shard_pb2.ShardGenerateRequest:

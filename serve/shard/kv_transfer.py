@@ -532,6 +532,7 @@ class KvTransfer:
         geometry = self._check_geometry(header.geometry)
         codec = _codec(header.codec)
         self._importing[rid] = asyncio.current_task()  # type: ignore[assignment]
+        self._aborted.discard(rid)
         had_expiry = self._cancel_expiry(rid)
         num_layers = header.geometry.num_layers
         arrived = self._arrived.setdefault(rid, [0] * num_layers)
@@ -588,11 +589,14 @@ class KvTransfer:
                 finally:
                     self._importing.pop(rid, None)
 
-            await self._to_the_end(abandon())
-            if had_expiry and rid in self._started:
-                self._expire_later(rid)  # a refused import leaves its wait for Resume as it was
-            if rid in self._aborted and isinstance(exc, asyncio.CancelledError):
+            try:
+                await self._to_the_end(abandon())
+            finally:
+                aborted = rid in self._aborted
                 self._aborted.discard(rid)
+                if had_expiry and rid in self._started:
+                    self._expire_later(rid)  # a refused import keeps its wait for Resume
+            if aborted and isinstance(exc, asyncio.CancelledError):
                 raise Aborted(f"request {rid!r} was aborted while its KV arrived") from None
             raise
         self._importing.pop(rid, None)
@@ -732,6 +736,7 @@ class KvTransfer:
         if importing is not None:
             self._aborted.add(rid)
             importing.cancel()  # its clean-up drops the staged blocks after the decodes
+            await asyncio.wait({importing})  # so the id is free when this returns
             return True
         self._arrived.pop(rid, None)
         return await self.engine.call(lambda e: e.drop_staged(rid))
