@@ -425,7 +425,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 )
 
             try:
-                await live.run(_segments(requests, self._live_limits.idle_timeout_s), emit)
+                idle_s = self._live_limits.idle_timeout_s
+                await live.run(_segments(requests, idle_s, lambda: live.num_pending > 0), emit)
             finally:
                 self._router.unbind(record.request_id)
                 logger.debug(
@@ -503,25 +504,41 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 async def _segments(
-    requests: AsyncIterator[inference_pb2.TranslateLiveRequest], idle_timeout_s: float
+    requests: AsyncIterator[inference_pb2.TranslateLiveRequest],
+    idle_timeout_s: float,
+    busy: Callable[[], bool],
 ) -> AsyncIterator[SegmentInput]:
     """The segment messages after the first; another config is refused, and so is
-    a stream silent for longer than idle_timeout_s."""
-    while (request := await _next_message(requests, idle_timeout_s, "message")) is not None:
+    a stream silent for longer than idle_timeout_s while none of its segments waits
+    for its translation (a client may wait for those before it sends more)."""
+    while True:
+        request = await _next_message(requests, idle_timeout_s, "message", busy)
+        if request is None:
+            return
         if request.WhichOneof("kind") != "segment":
             raise InvalidArgument("only the first TranslateLiveRequest may carry config")
         yield SegmentInput(request.segment.text, request.segment.final)
 
 
 async def _next_message(
-    requests: AsyncIterator[inference_pb2.TranslateLiveRequest], timeout_s: float, what: str
+    requests: AsyncIterator[inference_pb2.TranslateLiveRequest],
+    timeout_s: float,
+    what: str,
+    busy: Callable[[], bool] = lambda: False,
 ) -> inference_pb2.TranslateLiveRequest | None:
     """The stream's next message (None at its end), or DEADLINE_EXCEEDED when none
-    comes within timeout_s."""
+    comes within timeout_s and the stream is not `busy` then."""
+    read = asyncio.ensure_future(anext(requests, None))
     try:
-        return await asyncio.wait_for(anext(requests, None), timeout_s)
-    except TimeoutError:
-        raise DeadlineExceeded(f"no TranslateLive {what} within {timeout_s:g} s") from None
+        while True:
+            done, _ = await asyncio.wait({read}, timeout=timeout_s)
+            if done:
+                return read.result()
+            if not busy():
+                raise DeadlineExceeded(f"no TranslateLive {what} within {timeout_s:g} s")
+    finally:
+        if not read.done():
+            read.cancel()
 
 
 def _chat_size(messages: Sequence[ChatMessage]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -271,3 +272,25 @@ def test_silent_streams_end_and_give_their_slot_back() -> None:
         with Client(gateway, timeout=30) as c:
             chunks = list(c.chat([{"role": "user", "content": "hi"}], max_tokens=2))
         assert sum(len(chunk.token_ids) for chunk in chunks) == 2
+
+
+def test_a_stream_waiting_for_its_translations_is_not_idle() -> None:
+    """The idle clock does not run while a segment the client sent is still being
+    translated: the translation, longer than the idle timeout, arrives whole."""
+    live = LiveTranslateConfig(config_timeout_s=5.0, idle_timeout_s=0.5)
+    for s in servers():
+        gateway = s.gateway([s.shard()], live=live)
+        release = threading.Event()
+        sampling = inference_pb2.SamplingParams(max_tokens=600, ignore_eos=True)
+        sent = [_config(sampling=sampling), _segment("A long talk.")]
+        tokens = 0
+        with grpc.insecure_channel(gateway) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                for response in stub.TranslateLive(_then_silent(sent, release), timeout=60):
+                    tokens += len(response.chunk.token_ids)
+            release.set()
+        assert tokens == 600, "the translation was cut off"
+        assert time.monotonic() - started > 0.5  # it outlasted the idle timeout
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
