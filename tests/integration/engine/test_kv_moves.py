@@ -96,30 +96,40 @@ def test_a_preempted_tapped_prefill_hands_each_token_over_once(tiny) -> None:
     src.add_request(src.make_request("a", [3] * 20, other))
     src.step()
     src.add_request(src.make_request("h", prompt, sp))
-    pieces: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-    src.add_tap("h", lambda layer, start, k, v: pieces.append((layer, start, k, v)))
-    done: concurrent.futures.Future = concurrent.futures.Future()
-    src.suspend_at("h", 1, done)
-    tokens: list[int] = []
-    while not done.done():
-        for out in src.step():
-            if out.request_id == "h":
-                tokens.extend(out.new_token_ids)
+    pieces, tokens, suspension = _tap_to_first_token(src, "h")
     assert src.stats().num_preemptions > 0, "the tapped request was never preempted"
     for layer in range(tiny.config.num_layers):
         spans = [(start, start + k.shape[0]) for i, start, k, _ in pieces if i == layer]
         assert spans[0][0] == 0 and spans[-1][1] == len(prompt)
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
     dst = _engine(tiny)
-    _hand_over(src, dst, done.result(), pieces)
+    _hand_over(src, dst, suspension, pieces)
     assert _finish(dst, tokens) == reference
+
+
+Pieces = list[tuple[int, int, torch.Tensor, torch.Tensor]]
+
+
+def _tap_to_first_token(src: LLMEngine, rid: str) -> tuple[Pieces, list[int], Suspension]:
+    """Taps request rid's KV and steps src until it is suspended after its first
+    token: (the KV pieces handed to the tap, rid's tokens, the suspension)."""
+    pieces: Pieces = []
+    src.add_tap(rid, lambda layer, start, k, v: pieces.append((layer, start, k, v)))
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    src.suspend_at(rid, 1, done)
+    tokens: list[int] = []
+    while not done.done():
+        for out in src.step():
+            if out.request_id == rid:
+                tokens.extend(out.new_token_ids)
+    return pieces, tokens, done.result()
 
 
 def _hand_over(
     src: LLMEngine,
     dst: LLMEngine,
     suspension: Suspension,
-    pieces: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+    pieces: Pieces,
 ) -> None:
     """Stages the suspended request on dst with the tapped KV pieces, ends it on src
     and starts it on dst."""
@@ -175,16 +185,8 @@ def test_prefill_tap_hands_each_layer_over(tiny) -> None:
     reference = _reference(tiny, sp)
     src = LLMEngine(tiny, EngineConfig(num_kv_blocks=64, max_num_batched_tokens=16))
     dst = _engine(tiny)
-    layers: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     src.add_request(src.make_request("r", PROMPT, sp))
-    src.add_tap("r", lambda layer, start, k, v: layers.append((layer, start, k, v)))
-    done: concurrent.futures.Future = concurrent.futures.Future()
-    src.suspend_at("r", 1, done)
-    tokens: list[int] = []
-    while not done.done():
-        for out in src.step():
-            tokens.extend(out.new_token_ids)
-    suspension = done.result()
+    layers, tokens, suspension = _tap_to_first_token(src, "r")
     assert tokens == reference[:1]
     # Chunked prefill (16 tokens a step): every layer came in pieces, in order.
     starts = sorted({start for layer, start, _, _ in layers if layer == 0})
