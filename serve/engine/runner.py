@@ -135,6 +135,11 @@ class ModelRunner:
         pieces = self.channel.kv_read(
             KvOp(layer, start, stop, list(block_table)), torch.stack((k, v))
         )
+        return self._every_head(pieces)
+
+    def _every_head(self, pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every KV head from the ranks' pieces ([2, n, local heads,
+        head_dim] each, in rank order): each head taken from one rank holding it."""
         kv = torch.cat([pieces[r] for r in self._piece_ranks], dim=2)  # [2, n, heads, head_dim]
         return kv[0], kv[1]
 
@@ -203,9 +208,7 @@ class ModelRunner:
                     if not leader:
                         self.channel.tap_send(torch.stack((k, v)))
                         continue
-                    pieces = self.channel.tap_gather(torch.stack((k, v)))
-                    kv = torch.cat([pieces[r] for r in self._piece_ranks], dim=2)
-                    k, v = kv[0], kv[1]  # [n, every KV head, head_dim]
+                    k, v = self._every_head(self.channel.tap_gather(torch.stack((k, v))))
                 self._step_taps[i].sink(index, tap.start, k, v)
 
         return after_layer
