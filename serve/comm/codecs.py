@@ -325,11 +325,18 @@ def encode(x: torch.Tensor, spec: CodecSpec) -> Encoded:
     """Encodes `x` (any shape, contiguous or not) with `spec`."""
     check_dtype(x.dtype, spec)
     x = x.detach()
-    inner = _encode_inner(x, spec)
+    return encoded(_encode_inner(x, spec), x.dtype, tuple(x.shape), spec)
+
+
+def encoded(
+    inner: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], spec: CodecSpec
+) -> Encoded:
+    """An Encoded from the payload before the zstd stage (a flat uint8 tensor) of a
+    tensor of this dtype and shape; the zstd stage is applied here."""
     payload: bytes | torch.Tensor = (
         zstd_compress(inner, spec.zstd_level) if spec.has_zstd else inner
     )
-    return Encoded(spec, x.dtype, tuple(x.shape), payload, x.numel() * x.element_size())
+    return Encoded(spec, dtype, shape, payload, math.prod(shape) * dtype.itemsize)
 
 
 def decode(enc: Encoded) -> torch.Tensor:
@@ -373,13 +380,24 @@ def decode_bytes(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Decodes a payload held in host memory, onto `device`."""
+    owned = inner_of(data, dtype, shape, spec).to(device)
+    return _decode_inner(owned, dtype, tuple(shape), spec, owned=True)
+
+
+def inner_of(
+    data: bytes | bytearray | memoryview,
+    dtype: torch.dtype,
+    shape: tuple[int, ...] | torch.Size,
+    spec: CodecSpec,
+) -> torch.Tensor:
+    """The payload before the zstd stage, as a fresh flat uint8 CPU tensor; a payload
+    of the wrong size raises CodecError."""
     expected = _expected(dtype, shape, spec)
     if spec.has_zstd:
         data = zstd_decompress(data, expected)
     elif len(data) != expected:
         raise CodecError(f"{spec.name} payload is {len(data)} bytes, expected {expected}")
-    owned = bytes_to_uint8(data).to(device)  # a fresh copy of data
-    return _decode_inner(owned, dtype, tuple(shape), spec, owned=True)
+    return bytes_to_uint8(data)  # a fresh copy of data
 
 
 def _expected(dtype: torch.dtype, shape: tuple[int, ...] | torch.Size, spec: CodecSpec) -> int:
@@ -429,7 +447,8 @@ def _encode_finite_ints(
     min/max pass finds the scales and shows whether anything is non-finite (NaN and
     inf reach a block's min or max), and no clamp is needed because every scale is
     rounded up (|y| <= qmax, so round(y) is within the codes)."""
-    low, high = blocks.aminmax(dim=1)  # [nb]
+    # amin and amax apart: two vectorised passes, 4x faster on CPU than aminmax's one.
+    low, high = blocks.amin(dim=1), blocks.amax(dim=1)  # [nb]
     absmax = torch.maximum(-low, high) + 0.0  # + 0.0: a -0.0 (all-zero block) becomes +0.0
     if not bool(torch.isfinite(absmax).all()):
         return None
@@ -442,6 +461,76 @@ def _encode_finite_ints(
         y += 8.0
         body = _pack_nibbles(y.to(torch.uint8).reshape(-1)[:n])
     return torch.cat([scale.to(torch.bfloat16).view(torch.uint8), body])
+
+
+def encode_along(x: torch.Tensor, spec: CodecSpec) -> torch.Tensor | None:
+    """The int8 / int4 payload (before zstd) of `x.transpose(1, 2)` ([G, C, B], whose
+    rows of B are the blocks: spec.block_size must be B) from x [G, B, C] as it lies,
+    byte for byte what `encode` writes for that transpose, without transposing the
+    floats: the scales come from reductions along dim 1 (vectorised over C) and only
+    the one-byte codes are transposed. None (use `encode`) for other codecs, devices
+    or a non-finite value."""
+    num_groups, block, channels = x.shape
+    if spec.name not in ("int8", "int4") or spec.block_size != block or x.device.type != "cpu":
+        return None
+    x = x.float()
+    qmax = INT8_QMAX if spec.name == "int8" else INT4_QMAX
+    low, high = x.amin(dim=1), x.amax(dim=1)  # [G, C]
+    absmax = torch.maximum(-low, high) + 0.0  # as _encode_finite_ints
+    if absmax.numel() and not bool(torch.isfinite(absmax).all()):
+        return None
+    scale = _round_up_to_bf16(absmax / qmax)  # [G, C], bf16-exact float32
+    y = x / torch.where(scale > 0, scale, 1.0)[:, None, :]  # [G, B, C]
+    y.round_()
+    if spec.name == "int8":
+        body = y.to(torch.int8).transpose(1, 2).reshape(-1).view(torch.uint8)
+    else:
+        y += 8.0
+        body = _pack_nibbles(y.to(torch.uint8).transpose(1, 2).reshape(-1))
+    return torch.cat([scale.reshape(-1).to(torch.bfloat16).view(torch.uint8), body])
+
+
+def decode_along(
+    inner: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int], spec: CodecSpec
+) -> torch.Tensor | None:
+    """Inverse of `encode_along`: x [G, B, C] from the payload (before zstd) of its
+    transpose [G, C, B], transposing only the one-byte codes. None (use `decode`)
+    for other codecs, a payload with a non-finite marker or scales that leave
+    dtype's range; a payload of the wrong size raises CodecError."""
+    num_groups, block, channels = shape
+    n = num_groups * block * channels
+    if spec.name not in ("int8", "int4") or spec.block_size != block:
+        return None
+    expected = inner_nbytes(n, dtype, spec)
+    if inner.numel() != expected:
+        raise CodecError(f"{spec.name} payload is {inner.numel()} bytes, expected {expected}")
+    nb = num_groups * channels
+    scale = _view(inner[: SCALE_BYTES * nb], torch.bfloat16).float()  # [G * C]
+    qmax = INT8_QMAX if spec.name == "int8" else INT4_QMAX
+    if nb and float(scale.max()) * qmax > torch.finfo(dtype).max:
+        return None
+    body = inner[SCALE_BYTES * nb :]
+    if spec.name == "int8":
+        codes = body.view(torch.int8)
+        if n and int(codes.min()) == -128:
+            return None
+        codes = codes.view(num_groups, channels, block).transpose(1, 2).contiguous()
+    else:
+        nib = _unpack_nibbles(body, n)
+        if n and int(nib.min()) == 0:
+            return None
+        codes = nib.view(num_groups, channels, block).transpose(1, 2).contiguous()
+        codes = codes.view(torch.int8) - 8
+    y = codes * scale.view(num_groups, 1, channels)  # [G, B, C] float32
+    return y.to(dtype)
+
+
+def decode_inner(
+    inner: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], spec: CodecSpec
+) -> torch.Tensor:
+    """The tensor back from its payload before the zstd stage (a flat uint8 tensor
+    nobody else holds, as `inner_of` returns)."""
+    return _decode_inner(inner, dtype, tuple(shape), spec, owned=True)
 
 
 def _decode_inner(
@@ -472,23 +561,28 @@ def _decode_inner(
     body = inner[SCALE_BYTES * blocks :]
     if spec.name == "int8":
         codes = body.view(torch.int8)
-        bad = codes == -128
-        vals = codes.float()
+        marker = -128
     elif spec.name == "fp8":
-        vals = body.view(torch.float8_e4m3fn).float()
-        bad = torch.zeros_like(body, dtype=torch.bool)  # NaN decodes as NaN by itself
+        codes = body.view(torch.float8_e4m3fn)  # NaN decodes as NaN by itself
+        marker = None
     else:  # int4
         codes = _unpack_nibbles(body, n).to(torch.int8) - 8
-        bad = codes == -8
-        vals = codes.float()
+        marker = -8
+    vals = codes.float()
     y = (_blockify(vals, spec.block_size) * scale[:, None]).reshape(-1)[:n]
-    if spec.name != "fp8" and y.device.type == "cpu" and not bool(bad.any()):
+    # The marker is the least code: on CPU a min pass (vectorised) finds whether any
+    # is there; on a GPU that would wait for the device, so the where always runs.
+    on_cpu = y.device.type == "cpu"
+    clean = marker is None or (on_cpu and (n == 0 or int(codes.min()) != marker))
+    if marker is not None and clean:
         # Nothing to mark NaN; when no code times its scale leaves dtype's range
         # either, the where and clamp passes would change nothing.
         qmax = INT8_QMAX if spec.name == "int8" else INT4_QMAX
         if not scale.numel() or float(scale.max()) * qmax <= torch.finfo(dtype).max:
             return y.to(dtype).reshape(shape)
-    return _finish(torch.where(bad, math.nan, y), dtype, shape)
+    if clean:
+        return _finish(y, dtype, shape)
+    return _finish(torch.where(codes == marker, math.nan, y), dtype, shape)
 
 
 def _finish(y: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

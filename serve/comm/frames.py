@@ -364,21 +364,38 @@ class FrameAssembler:
 
 
 def _build_frame(x: torch.Tensor, spec: CodecSpec, *, flags: int, chunk_index: int) -> bytes:
-    if x.dim() > MAX_RANK:
-        raise InvalidArgument(f"rank {x.dim()} exceeds the frame maximum {MAX_RANK}")
-    if x.dtype not in DTYPE_IDS:
-        raise InvalidArgument(f"dtype {x.dtype} cannot travel in a frame")
-    enc = codecs.encode(x, spec)
+    _check_frameable(x.dim(), x.dtype)
+    return _frame_of(codecs.encode(x, spec), flags=flags, chunk_index=chunk_index)
+
+
+def frame_of_inner(
+    inner: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], spec: CodecSpec
+) -> bytes:
+    """The frame of a tensor of this dtype and shape whose codec payload, before the
+    zstd stage, a caller computed itself (see codecs.encode_along)."""
+    _check_frameable(len(shape), dtype)
+    return _frame_of(codecs.encoded(inner, dtype, shape, spec), flags=0, chunk_index=0)
+
+
+def _check_frameable(rank: int, dtype: torch.dtype) -> None:
+    if rank > MAX_RANK:
+        raise InvalidArgument(f"rank {rank} exceeds the frame maximum {MAX_RANK}")
+    if dtype not in DTYPE_IDS:
+        raise InvalidArgument(f"dtype {dtype} cannot travel in a frame")
+
+
+def _frame_of(enc: codecs.Encoded, *, flags: int, chunk_index: int) -> bytes:
     if isinstance(enc.payload, torch.Tensor):
         payload: bytes | memoryview = memoryview(enc.payload.cpu().contiguous().numpy())
     else:
         payload = enc.payload
+    spec = enc.spec
     header = FrameHeader(
         version=VERSION,
         codec=CODEC_IDS[spec.name],
         zstd_level=spec.zstd_level,
-        dtype=DTYPE_IDS[x.dtype],
-        shape=tuple(x.shape),
+        dtype=DTYPE_IDS[enc.dtype],
+        shape=tuple(enc.shape),
         block_size=spec.block_size,
         raw_nbytes=enc.raw_nbytes,
         payload_nbytes=len(payload),
@@ -396,6 +413,37 @@ def _decode_checked(
     expected_dtype: torch.dtype | None,
     device: torch.device | str,
 ) -> torch.Tensor:
+    payload = _checked_payload(data, header, expected_shape, expected_dtype)
+    try:
+        return codecs.decode_bytes(payload, header.torch_dtype, header.shape, header.spec, device)
+    except CodecError as exc:
+        raise FrameError(f"bad payload: {exc.message}") from None
+
+
+def frame_inner(
+    data: bytes | bytearray | memoryview,
+    max_raw_nbytes: int,
+    expected_shape: tuple[int, ...],
+    expected_dtype: torch.dtype,
+) -> tuple[FrameHeader, torch.Tensor]:
+    """A frame's header and its codec payload before the zstd stage (a fresh flat
+    uint8 CPU tensor), after every check `decode_frame` makes; for callers that
+    decode the payload themselves (see codecs.decode_along)."""
+    header = read_header(data, max_raw_nbytes)
+    payload = _checked_payload(data, header, expected_shape, expected_dtype)
+    try:
+        inner = codecs.inner_of(payload, header.torch_dtype, header.shape, header.spec)
+    except CodecError as exc:
+        raise FrameError(f"bad payload: {exc.message}") from None
+    return header, inner
+
+
+def _checked_payload(
+    data: bytes | bytearray | memoryview,
+    header: FrameHeader,
+    expected_shape: tuple[int, ...] | torch.Size | None,
+    expected_dtype: torch.dtype | None,
+) -> memoryview:
     if expected_dtype is not None and header.torch_dtype != expected_dtype:
         raise FrameError(f"frame dtype {header.torch_dtype}, expected {expected_dtype}")
     if expected_shape is not None and header.shape != tuple(expected_shape):
@@ -408,7 +456,4 @@ def _decode_checked(
     payload = view[header.header_nbytes :]
     if zlib.crc32(payload) != header.checksum:
         raise FrameError("payload checksum mismatch")
-    try:
-        return codecs.decode_bytes(payload, header.torch_dtype, header.shape, header.spec, device)
-    except CodecError as exc:
-        raise FrameError(f"bad payload: {exc.message}") from None
+    return payload

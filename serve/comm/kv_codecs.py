@@ -17,7 +17,10 @@ codecs of `serve.comm.codecs`; only the layout fed to them differs:
 
 Each travels as one checked frame (`serve.comm.frames`), whose header names the
 codec, dtype, shape and block size, so a decoder needs no side information
-beyond the expected geometry. `none` and `lossless` are bit-exact.
+beyond the expected geometry. `none` and `lossless` are bit-exact. The key
+layout is what the frame holds; int8/int4 keys are coded from the tokens as they
+lie (`codecs.encode_along`: scales reduced along the token axis, only the
+one-byte codes transposed), byte for byte the same frame without a float transpose.
 
 Wire size against fp16 (2 bytes per element) with int4 (key groups of 64 tokens,
 value groups of 32 channels): keys 0.531 B + values 0.5625 B per element, i.e.
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serve.comm import frames
+from serve.comm import codecs, frames
 from serve.comm.codecs import BLOCK_LABELS, CodecError, CodecSpec
 
 logger = logging.getLogger(__name__)
@@ -116,11 +119,16 @@ def encode_kv(
     num_tokens, heads, dim = k.shape
     group = key_group(num_tokens)
     key_spec = CodecSpec(spec.name, spec.zstd_level, group)
-    kt = k.reshape(num_tokens // group, group, heads, dim).permute(0, 2, 3, 1)
-    kt = kt.reshape(-1, group)  # [groups * channels, group]
+    kg = k.reshape(num_tokens // group, group, heads * dim)  # [groups, group, channels]
+    key_shape = (num_tokens // group * heads * dim, group)
+    inner = codecs.encode_along(kg, key_spec)  # the transpose's payload, from kg as it lies
+    if inner is not None:
+        key_frame = frames.frame_of_inner(inner, k.dtype, key_shape, key_spec)
+    else:
+        key_frame = frames.encode_frame(kg.transpose(1, 2).reshape(key_shape), key_spec)
     value_spec = CodecSpec(spec.name, spec.zstd_level, codec.value_block(heads * dim))
     vt = v.reshape(num_tokens, heads * dim)  # [T, channels]
-    return frames.encode_frame(kt, key_spec), frames.encode_frame(vt, value_spec)
+    return key_frame, frames.encode_frame(vt, value_spec)
 
 
 def decode_kv(
@@ -150,13 +158,16 @@ def _decode_one(
         shape = (num_tokens // group * g.row_numel, group)
     else:
         shape = (num_tokens, g.row_numel)
-    x = frames.decode_frame(data, max(max_raw, 1), shape, g.dtype)
-    if exact:
-        return x
-    if keys:
+    if keys and not exact:
         groups = num_tokens // group
-        x = x.view(groups, g.num_kv_heads, g.head_dim, group).permute(0, 3, 1, 2)
+        _, inner = frames.frame_inner(data, max(max_raw, 1), shape, g.dtype)
+        # The codes are transposed back, not the floats (codecs.decode_along).
+        x = codecs.decode_along(inner, g.dtype, (groups, group, g.row_numel), header.spec)
+        if x is None:
+            x = codecs.decode_inner(inner, g.dtype, shape, header.spec)
+            x = x.view(groups, g.row_numel, group).transpose(1, 2)
         return x.reshape(num_tokens, g.num_kv_heads, g.head_dim)
+    x = frames.decode_frame(data, max(max_raw, 1), shape, g.dtype)
     return x.view(num_tokens, g.num_kv_heads, g.head_dim)
 
 
