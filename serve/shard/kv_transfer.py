@@ -120,6 +120,7 @@ class MoveStats:
     wire_bytes: int = 0
     encode: StageClock = field(default_factory=StageClock)
     started: float = field(default_factory=time.perf_counter)
+    cpu_started: float = field(default_factory=time.process_time)  # all threads
 
 
 # -- conversions ---------------------------------------------------------------------------
@@ -432,6 +433,7 @@ class KvTransfer:
         if suspension is not None:
             await self.engine.end_suspended(rid)
         total = time.perf_counter() - stats.started
+        cpu = time.process_time() - stats.cpu_started
         logger.info(
             "[%s] KV %s to %s: tokens %d..%d, %s, %.1f MB -> %.1f MB in %.0f ms%s",
             rid,
@@ -459,6 +461,8 @@ class KvTransfer:
             decode_s=response.decode_s,
             num_output_tokens=len(state.output_token_ids),
             moved=True,
+            source_cpu_s=cpu,
+            target_cpu_s=response.cpu_s,
         )
 
     def _arm_pause(self, rid: str, at_output_token: int) -> None:
@@ -519,6 +523,7 @@ class KvTransfer:
     ) -> shard_pb2.ImportKvResponse:
         """ImportKv: stages the request (or prefix) and writes its KV as chunks arrive."""
         started = time.perf_counter()
+        cpu_started = time.process_time()
         first = await anext(aiter(messages), None)
         if first is None or not first.HasField("header"):
             raise InvalidArgument("an ImportKv stream starts with a header")
@@ -631,6 +636,7 @@ class KvTransfer:
             receive_s=received_s,
             decode_s=decode_clock.busy_s,
             cached_tokens=cached,
+            cpu_s=time.process_time() - cpu_started,
         )
 
     async def _hold(

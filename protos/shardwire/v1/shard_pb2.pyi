@@ -166,18 +166,20 @@ class KvChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[KvHeader, _Mapping]] = ..., layer: _Optional[int] = ..., start_token: _Optional[int] = ..., num_tokens: _Optional[int] = ..., key_frame: _Optional[bytes] = ..., value_frame: _Optional[bytes] = ...) -> None: ...
 
 class ImportKvResponse(_message.Message):
-    __slots__ = ("num_tokens", "wire_bytes", "receive_s", "decode_s", "cached_tokens")
+    __slots__ = ("num_tokens", "wire_bytes", "receive_s", "decode_s", "cached_tokens", "cpu_s")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RECEIVE_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CPU_S_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     wire_bytes: int
     receive_s: float
     decode_s: float
     cached_tokens: int
-    def __init__(self, num_tokens: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., receive_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    cpu_s: float
+    def __init__(self, num_tokens: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., receive_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., cpu_s: _Optional[float] = ...) -> None: ...
 
 class ExportKvRequest(_message.Message):
     __slots__ = ("request_id", "prefix_token_ids", "codec", "start_token", "sequential", "probe_bytes")
@@ -216,7 +218,7 @@ class MoveKvRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., target: _Optional[str] = ..., codec: _Optional[str] = ..., start_token: _Optional[int] = ..., final: _Optional[bool] = ..., at_output_token: _Optional[int] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., sequential: _Optional[bool] = ...) -> None: ...
 
 class MoveKvResponse(_message.Message):
-    __slots__ = ("num_tokens", "wire_bytes", "raw_bytes", "total_s", "encode_s", "receive_s", "decode_s", "num_output_tokens", "moved")
+    __slots__ = ("num_tokens", "wire_bytes", "raw_bytes", "total_s", "encode_s", "receive_s", "decode_s", "num_output_tokens", "moved", "source_cpu_s", "target_cpu_s")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +228,8 @@ class MoveKvResponse(_message.Message):
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MOVED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_CPU_S_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CPU_S_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     wire_bytes: int
     raw_bytes: int
@@ -235,7 +239,9 @@ class MoveKvResponse(_message.Message):
     decode_s: float
     num_output_tokens: int
     moved: bool
-    def __init__(self, num_tokens: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., total_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., receive_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_output_tokens: _Optional[int] = ..., moved: _Optional[bool] = ...) -> None: ...
+    source_cpu_s: float
+    target_cpu_s: float
+    def __init__(self, num_tokens: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., raw_bytes: _Optional[int] = ..., total_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., receive_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_output_tokens: _Optional[int] = ..., moved: _Optional[bool] = ..., source_cpu_s: _Optional[float] = ..., target_cpu_s: _Optional[float] = ...) -> None: ...
 
 class ResumeRequest(_message.Message):
     __slots__ = ("request_id",)

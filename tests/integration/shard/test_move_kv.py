@@ -1,10 +1,12 @@
 """Shard.MoveKv and ExportKv when they fail, on a real replica (tiny model): a pre-copy
 that armed a pause at an output token and then failed leaves the request going
 on here, whether the pause was still waiting or already taken, and frees every
-block it held; an export cancelled while its snapshot is taken releases it."""
+block it held; an export cancelled while its snapshot is taken releases it; a move
+reports its stages' times and the CPU time of both ends."""
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -118,3 +120,30 @@ def test_an_export_cancelled_while_its_snapshot_is_taken_releases_it(monkeypatch
         assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(1.0)  # the snapshot has been taken (and released) by now
         assert idle_free_blocks(address) == total
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_move_reports_its_stages_and_the_cpu_time_of_both_ends(sequential: bool) -> None:
+    """What `shardwire bench kv` reads from a MoveKvResponse: the stages' times and
+    the CPU time each end's process spent while the move ran (both replicas live in
+    this test's process, so each is at most the move's time over every core)."""
+    for s in servers():
+        source, target = s.shard(), s.shard()
+        prompt = list(range(1, 66))
+        request = shard_pb2.ShardGenerateRequest(
+            request_id="p",
+            prompt_token_ids=prompt,
+            sampling=inference_pb2.SamplingParams(max_tokens=1),
+        )
+        _generate(source, request, queue.Queue())  # its prompt's KV stays in the prefix cache
+        move = shard_pb2.MoveKvRequest(
+            request_id="m", target=target, codec="int8", prefix_token_ids=prompt[:64],
+            sequential=sequential,
+        )  # fmt: skip
+        with grpc.insecure_channel(source) as channel:
+            r = shard_pb2_grpc.ShardStub(channel).MoveKv(move, timeout=30.0)
+        assert r.moved and r.num_tokens == 64 and 0 < r.wire_bytes < r.raw_bytes
+        assert 0 < r.encode_s < r.total_s and 0 < r.decode_s < r.total_s
+        assert 0 < r.receive_s < r.total_s
+        cores = os.cpu_count() or 1
+        assert 0 < r.target_cpu_s <= r.source_cpu_s <= r.total_s * cores
