@@ -364,17 +364,32 @@ class FrameAssembler:
 
 
 def _build_frame(x: torch.Tensor, spec: CodecSpec, *, flags: int, chunk_index: int) -> bytes:
-    _check_frameable(x.dim(), x.dtype)
-    return _frame_of(codecs.encode(x, spec), flags=flags, chunk_index=chunk_index)
+    return b"".join(_frame_pieces(_encode_checked(x, spec), flags=flags, chunk_index=chunk_index))
 
 
-def frame_of_inner(
+# A frame as its two pieces, header and payload, for writers that copy them straight
+# into a larger message (their concatenation is the frame).
+FramePieces = tuple[bytes, bytes | memoryview]
+
+
+def encode_frame_pieces(x: torch.Tensor, spec: CodecSpec) -> FramePieces:
+    """encode_frame(x, spec) as its header and its payload."""
+    return _frame_pieces(_encode_checked(x, spec), flags=0, chunk_index=0)
+
+
+def inner_frame_pieces(
     inner: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], spec: CodecSpec
-) -> bytes:
-    """The frame of a tensor of this dtype and shape whose codec payload, before the
-    zstd stage, a caller computed itself (see codecs.encode_along)."""
+) -> FramePieces:
+    """The frame, as header and payload, of a tensor of this dtype and shape whose
+    codec payload before the zstd stage a caller computed itself (see
+    codecs.encode_along)."""
     _check_frameable(len(shape), dtype)
-    return _frame_of(codecs.encoded(inner, dtype, shape, spec), flags=0, chunk_index=0)
+    return _frame_pieces(codecs.encoded(inner, dtype, shape, spec), flags=0, chunk_index=0)
+
+
+def _encode_checked(x: torch.Tensor, spec: CodecSpec) -> codecs.Encoded:
+    _check_frameable(x.dim(), x.dtype)
+    return codecs.encode(x, spec)
 
 
 def _check_frameable(rank: int, dtype: torch.dtype) -> None:
@@ -384,7 +399,7 @@ def _check_frameable(rank: int, dtype: torch.dtype) -> None:
         raise InvalidArgument(f"dtype {dtype} cannot travel in a frame")
 
 
-def _frame_of(enc: codecs.Encoded, *, flags: int, chunk_index: int) -> bytes:
+def _frame_pieces(enc: codecs.Encoded, *, flags: int, chunk_index: int) -> FramePieces:
     if isinstance(enc.payload, torch.Tensor):
         payload: bytes | memoryview = memoryview(enc.payload.cpu().contiguous().numpy())
     else:
@@ -403,7 +418,7 @@ def _frame_of(enc: codecs.Encoded, *, flags: int, chunk_index: int) -> bytes:
         flags=flags,
         chunk_index=chunk_index,
     )
-    return b"".join([header.pack(), payload])
+    return header.pack(), payload
 
 
 def _decode_checked(

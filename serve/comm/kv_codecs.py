@@ -111,11 +111,20 @@ def encode_kv(
     codec: KvCodec,
 ) -> tuple[bytes, bytes]:
     """The key frame and the value frame of one layer's chunk."""
+    key, value = encode_kv_pieces(k, v, codec)
+    return b"".join(key), b"".join(value)
+
+
+def encode_kv_pieces(
+    k: torch.Tensor, v: torch.Tensor, codec: KvCodec
+) -> tuple[frames.FramePieces, frames.FramePieces]:
+    """encode_kv with each frame as its header and payload (frames.FramePieces), for a
+    writer that copies them into its message once."""
     if k.shape != v.shape or k.dim() != 3:
         raise CodecError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} must be [T, H, D]")
     spec = codec.spec
     if spec.is_exact:
-        return frames.encode_frame(k, spec), frames.encode_frame(v, spec)
+        return frames.encode_frame_pieces(k, spec), frames.encode_frame_pieces(v, spec)
     num_tokens, heads, dim = k.shape
     group = key_group(num_tokens)
     key_spec = CodecSpec(spec.name, spec.zstd_level, group)
@@ -123,12 +132,12 @@ def encode_kv(
     key_shape = (num_tokens // group * heads * dim, group)
     inner = codecs.encode_along(kg, key_spec)  # the transpose's payload, from kg as it lies
     if inner is not None:
-        key_frame = frames.frame_of_inner(inner, k.dtype, key_shape, key_spec)
+        key = frames.inner_frame_pieces(inner, k.dtype, key_shape, key_spec)
     else:
-        key_frame = frames.encode_frame(kg.transpose(1, 2).reshape(key_shape), key_spec)
+        key = frames.encode_frame_pieces(kg.transpose(1, 2).reshape(key_shape), key_spec)
     value_spec = CodecSpec(spec.name, spec.zstd_level, codec.value_block(heads * dim))
     vt = v.reshape(num_tokens, heads * dim)  # [T, channels]
-    return key_frame, frames.encode_frame(vt, value_spec)
+    return key, frames.encode_frame_pieces(vt, value_spec)
 
 
 def decode_kv(

@@ -46,7 +46,7 @@ from serve.comm.kv_codecs import (
     KvCodec,
     KvGeometry,
     decode_kv,
-    encode_kv,
+    encode_kv_pieces,
     measure_kv_codec,
 )
 from serve.comm.linkmodel import LinkModel
@@ -67,6 +67,7 @@ from serve.errors import (
     ShardwireError,
     Unavailable,
 )
+from serve.shard.kv_chunks import WireChunk, serialize_chunk, wire_chunk
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +77,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_KV_CODEC = "lossless"
+IMPORT_KV = "/shardwire.v1.Shard/ImportKv"
 # A chunk holds one layer's KV of whole key groups, about CHUNK_BYTES per frame: large
 # enough that per-chunk overheads vanish, small enough to keep the stages overlapping
 # (`shardwire bench kv`, 4080 tokens, lossy codecs: 1 MiB chunks moved 15-30% faster
@@ -255,11 +257,22 @@ class KvTransfer:
         if len(token_ids) >= self.engine.engine.max_model_len:
             raise InvalidArgument(f"a prefix of {len(token_ids)} tokens exceeds the context")
 
-    def _stub(self, address: str) -> shard_pb2_grpc.ShardStub:
+    def _channel(self, address: str) -> object:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = self._open_channel(address)
-        return shard_pb2_grpc.ShardStub(channel)
+        return channel
+
+    def _stub(self, address: str) -> shard_pb2_grpc.ShardStub:
+        return shard_pb2_grpc.ShardStub(self._channel(address))
+
+    def _import_kv(self, address: str) -> Callable:
+        """The target's ImportKv, taking KvChunks and WireChunks (kv_chunks)."""
+        return self._channel(address).stream_unary(  # type: ignore[attr-defined]
+            IMPORT_KV,
+            request_serializer=serialize_chunk,
+            response_deserializer=shard_pb2.ImportKvResponse.FromString,
+        )
 
     async def close(self) -> None:
         for handle in self._expiry.values():
@@ -293,7 +306,7 @@ class KvTransfer:
         self.engine.call_sync(lambda e: e.runner.write_kv_all(layer, table, start, k, v))
 
     def _encode(self, table: tuple[int, ...], codec: KvCodec, stats: MoveStats) -> Callable:
-        def encode(item: tuple[int, int, int]) -> shard_pb2.KvChunk:
+        def encode(item: tuple[int, int, int]) -> WireChunk:
             layer, start, stop = item
             k, v = self._read_kv(layer, list(table), start, stop)  # [n, kv_heads, head_dim]
             return _chunk(layer, start, k, v, codec, stats)
@@ -307,7 +320,7 @@ class KvTransfer:
         codec: KvCodec,
         stats: MoveStats,
         sequential: bool = False,
-    ) -> AsyncIterator[shard_pb2.KvChunk]:
+    ) -> AsyncIterator[WireChunk]:
         """Chunks of tokens [start, snapshot.num_tokens), layer by layer."""
         num_layers = self.geometry.num_layers
         step = self._chunk_tokens()
@@ -349,7 +362,7 @@ class KvTransfer:
             stats = MoveStats()
             start = min(request.start_token, snapshot.num_tokens)
             async for chunk in self._chunks(snapshot, start, codec, stats, request.sequential):
-                yield chunk
+                yield chunk.message()
         finally:
             await self.engine.call(lambda e: e.release(snapshot))
 
@@ -392,9 +405,9 @@ class KvTransfer:
             sequential=request.sequential,
         )
         start = min(request.start_token, snapshot.num_tokens)
-        encoded: list[shard_pb2.KvChunk] | None = None
+        encoded: list[WireChunk] | None = None
 
-        async def messages() -> AsyncIterator[shard_pb2.KvChunk]:
+        async def messages() -> AsyncIterator[shard_pb2.KvChunk | WireChunk]:
             yield shard_pb2.KvChunk(header=header)
             if encoded is not None:
                 for chunk in encoded:
@@ -492,13 +505,14 @@ class KvTransfer:
         logger.warning("[%s] paused for a hand-over that failed or did not come; going on", rid)
 
     async def _stream_to(
-        self, target: str, messages: AsyncIterator[shard_pb2.KvChunk]
+        self, target: str, messages: AsyncIterator[shard_pb2.KvChunk | WireChunk]
     ) -> shard_pb2.ImportKvResponse:
-        """Sends messages into the target's ImportKv; an error raised while making
-        them (which cancels the call) comes out as itself."""
+        """Sends messages into the target's ImportKv (WireChunks as the bytes they
+        hold); an error raised while making them (which cancels the call) comes out
+        as itself."""
         errors: list[BaseException] = []
 
-        async def guarded() -> AsyncIterator[shard_pb2.KvChunk]:
+        async def guarded() -> AsyncIterator[shard_pb2.KvChunk | WireChunk]:
             try:
                 async for msg in messages:
                     yield msg
@@ -506,7 +520,7 @@ class KvTransfer:
                 errors.append(exc)
                 raise
 
-        call = self._stub(target).ImportKv(guarded())
+        call = self._import_kv(target)(guarded())
         try:
             return await call
         except BaseException:
@@ -542,10 +556,8 @@ class KvTransfer:
         num_layers = header.geometry.num_layers
         arrived = self._arrived.setdefault(rid, [0] * num_layers)
         decode_clock = StageClock()
-        sink: PipelinedSink = PipelinedSink(
-            self._decode(geometry, header.geometry.num_layers), clock=decode_clock
-        )
-        wire_bytes = 0
+        received = [0]  # frame bytes, counted as the decoder takes them out of the messages
+        sink: PipelinedSink = PipelinedSink(self._decode(geometry, received), clock=decode_clock)
         end_token = 0
         commit = False
         buffered: list[tuple[shard_pb2.KvChunk, list[int]]] = []
@@ -573,7 +585,6 @@ class KvTransfer:
                         arrived[msg.layer] = max(
                             arrived[msg.layer], msg.start_token + msg.num_tokens
                         )
-                    wire_bytes += len(msg.key_frame) + len(msg.value_frame)
                     if header.sequential:
                         buffered.append((msg, table))
                     else:
@@ -584,6 +595,7 @@ class KvTransfer:
                 await sink.put(item)
             await sink.close()  # raises a chunk's decode error first
             _check_arrived(arrived, end_token)
+            wire_bytes = received[0]
         except BaseException as exc:
             self._arrived.pop(rid, None)
 
@@ -688,10 +700,12 @@ class KvTransfer:
             )
         return KvGeometry.named(theirs.num_kv_heads, theirs.head_dim, theirs.dtype)
 
-    def _decode(self, geometry: KvGeometry, num_layers: int) -> Callable:
+    def _decode(self, geometry: KvGeometry, received: list[int]) -> Callable:
         def decode(item: tuple[shard_pb2.KvChunk, list[int]]) -> None:
             msg, table = item
-            k, v = decode_kv(msg.key_frame, msg.value_frame, msg.num_tokens, geometry)
+            key, value = msg.key_frame, msg.value_frame  # each read copies its bytes
+            received[0] += len(key) + len(value)
+            k, v = decode_kv(key, value, msg.num_tokens, geometry)
             self._write_kv(msg.layer, table, msg.start_token, k, v)
 
         return decode
@@ -818,12 +832,12 @@ class KvTransfer:
                 for s, e in chunk_ranges(0, k.shape[0], step):
                     yield layer, start + s, k[s:e], v[s:e]
 
-        def encode(piece: tuple[int, int, torch.Tensor, torch.Tensor]) -> shard_pb2.KvChunk:
+        def encode(piece: tuple[int, int, torch.Tensor, torch.Tensor]) -> WireChunk:
             return _chunk(*piece, codec, stats)
 
         suspension: Suspension | None = None
 
-        async def messages() -> AsyncIterator[shard_pb2.KvChunk]:
+        async def messages() -> AsyncIterator[shard_pb2.KvChunk | WireChunk]:
             nonlocal suspension
             yield shard_pb2.KvChunk(header=header)
             async for chunk in pipelined_map(pieces(), stats.encode.timed(encode)):
@@ -1009,14 +1023,13 @@ def _snapshot_with_state(engine: LLMEngine, rid: str) -> tuple[KvSnapshot, Reque
 
 def _chunk(
     layer: int, start: int, k: torch.Tensor, v: torch.Tensor, codec: KvCodec, stats: MoveStats
-) -> shard_pb2.KvChunk:
-    kf, vf = encode_kv(k, v, codec)
+) -> WireChunk:
+    key, value = encode_kv_pieces(k, v, codec)
+    chunk = wire_chunk(layer, start, k.shape[0], key, value)
     stats.raw_bytes += 2 * k.numel() * k.element_size()
-    stats.wire_bytes += len(kf) + len(vf)
+    stats.wire_bytes += chunk.frame_bytes
     stats.num_tokens = max(stats.num_tokens, start + k.shape[0])
-    return shard_pb2.KvChunk(
-        layer=layer, start_token=start, num_tokens=k.shape[0], key_frame=kf, value_frame=vf
-    )
+    return chunk
 
 
 def _check_chunk(msg: shard_pb2.KvChunk, end_token: int, num_layers: int) -> None:
