@@ -68,14 +68,25 @@ class Flight:
 
     def forget_handover(self) -> None:
         """The request ends here: a target that took it over but was never switched
-        to (the client left meanwhile) drops it now rather than at its timeout."""
+        to (the client left meanwhile) drops it now rather than at its timeout, and
+        so does one that takes it over later (a move still under way)."""
         handover, self.handover = self.handover, None
-        if handover is None or not handover.done() or handover.cancelled():
+        if handover is None:
             return
-        target = handover.result()
-        if target is not None and target is not self.replica:
-            task = asyncio.get_running_loop().create_task(target.abort(self.request_id))
-            task.add_done_callback(_ignore_result)
+        replica = self.replica
+
+        def drop(done: asyncio.Future) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            target = done.result()
+            if target is not None and target is not replica:
+                task = asyncio.get_running_loop().create_task(target.abort(self.request_id))
+                task.add_done_callback(_ignore_result)
+
+        if handover.done():
+            drop(handover)
+        else:
+            handover.add_done_callback(drop)
 
     @property
     def is_moving(self) -> bool:

@@ -9,19 +9,24 @@ replicas (tiny model) behind a gateway; the KV goes replica to replica
   each one completes with exactly the unmoved tokens (none repeated or lost);
 - a replica that drains (as on SIGTERM) gets its requests moved by the gateway;
 - prefill on a `prefill` replica handed over to a `decode` replica gives the
-  tokens of a colocated run.
+  tokens of a colocated run;
+- a client that leaves while its request is being handed over leaves nothing
+  behind on the target.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from shardwire.v1 import inference_pb2, shard_pb2, shard_pb2_grpc
+from shardwire.v1 import inference_pb2, inference_pb2_grpc, shard_pb2, shard_pb2_grpc
 
 from serve.config import EngineConfig, ShardConfig
+from serve.engine.engine import AsyncEngine
 from serve.shard.app import start_shard
 from tests.fixtures.servers import Servers, idle_free_blocks, servers
 from tests.fixtures.streams import Stream
@@ -199,3 +204,44 @@ def test_a_request_whose_prefill_hand_over_failed_can_move_later() -> None:
         stream.join()
         assert stream.code == "OK"
         assert stream.tokens == reference
+
+
+def _migrate(target: str, rid: str, moves: list[shard_pb2.MigrateResponse]) -> None:
+    moves.append(_admin(target).Migrate(shard_pb2.MigrateRequest(request_id=rid), timeout=60))
+
+
+def test_a_client_gone_during_the_hand_over_leaves_nothing_on_the_target(monkeypatch) -> None:
+    """The client leaves while the target takes the request over (its engine start
+    is slowed down here): once the move completes, the gateway aborts the request
+    on the target, which would otherwise decode it and wait for a Resume that never
+    comes until its staging expiry."""
+    start = AsyncEngine.start
+    starting = threading.Event()
+
+    async def slow_start(self: AsyncEngine, request_id: str) -> object:
+        starting.set()
+        await asyncio.sleep(1.0)  # the client leaves meanwhile
+        return await start(self, request_id)
+
+    monkeypatch.setattr(AsyncEngine, "start", slow_start)
+    for s in servers():
+        shards = [s.shard(), s.shard()]
+        target = s.gateway(shards)
+        sampling = inference_pb2.SamplingParams(max_tokens=400, ignore_eos=True)
+        request = inference_pb2.GenerateRequest(prompt_token_ids=PROMPT, sampling=sampling)
+        with grpc.insecure_channel(target) as channel:
+            call = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)
+            rid = next(call).request_id
+            moves: list[shard_pb2.MigrateResponse] = []
+            migrate = threading.Thread(target=_migrate, args=(target, rid, moves))
+            migrate.start()
+            assert starting.wait(30)
+            call.cancel()
+            migrate.join(60)
+        assert moves and moves[0].target, moves
+        server = next(x for x in s.shards if moves[0].target.endswith(f":{x.port}"))
+        assert server.servicer is not None
+        deadline = time.monotonic() + 5
+        while rid in server.servicer.kv._started or rid in server.engine.engine.scheduler.requests:
+            assert time.monotonic() < deadline, "the target still holds the abandoned request"
+            time.sleep(0.05)
