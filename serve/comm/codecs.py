@@ -470,10 +470,11 @@ def encode_along(x: torch.Tensor, spec: CodecSpec) -> torch.Tensor | None:
     floats: the scales come from reductions along dim 1 (vectorised over C) and only
     the one-byte codes are transposed. None (use `encode`) for other codecs, devices
     or a non-finite value."""
+    check_dtype(x.dtype, spec)
     num_groups, block, channels = x.shape
     if spec.name not in ("int8", "int4") or spec.block_size != block or x.device.type != "cpu":
         return None
-    x = x.float()
+    x = x.detach().float()
     qmax = INT8_QMAX if spec.name == "int8" else INT4_QMAX
     low, high = x.amin(dim=1), x.amax(dim=1)  # [G, C]
     absmax = torch.maximum(-low, high) + 0.0  # as _encode_finite_ints
@@ -507,7 +508,7 @@ def decode_along(
     nb = num_groups * channels
     scale = _view(inner[: SCALE_BYTES * nb], torch.bfloat16).float()  # [G * C]
     qmax = INT8_QMAX if spec.name == "int8" else INT4_QMAX
-    if nb and float(scale.max()) * qmax > torch.finfo(dtype).max:
+    if nb and not float(scale.max()) * qmax <= torch.finfo(dtype).max:  # NaN too
         return None
     body = inner[SCALE_BYTES * nb :]
     if spec.name == "int8":

@@ -178,3 +178,24 @@ def test_keys_take_the_transposed_layout_byte_for_byte(
     k3 = frames.decode_frame(generic, expected_shape=shape, expected_dtype=dtype)
     k3 = k3.view(tokens // group, heads, dim, group).permute(0, 3, 1, 2).reshape_as(k)
     assert torch.equal(_bits(k2), _bits(k3))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_hostile_key_scales_decode_as_the_blockwise_codec_does(name: str) -> None:
+    """A key frame (checksums intact) whose scales hold a NaN and a value past fp16's
+    range decodes to the same bits as through the blockwise codec: NaN where the
+    scale is NaN, the rest clamped to fp16's finite range."""
+    tokens, heads, dim = 64, 2, 8
+    k, v = kv_like(tokens, heads, dim, seed=7, dtype=torch.float16)
+    kf, vf = encode_kv(k, v, KvCodec.parse(name))
+    shape = (heads * dim, tokens)  # one key group: [channels, tokens]
+    header, inner = frames.frame_inner(kf, 1 << 20, shape, torch.float16)
+    scales = inner[: 2 * heads * dim].view(torch.bfloat16)
+    scales[0] = float("nan")
+    scales[1] = 1e6
+    hostile = b"".join(frames.inner_frame_pieces(inner, torch.float16, shape, header.spec))
+    k2, _ = decode_kv(hostile, vf, tokens, KvGeometry(heads, dim, torch.float16))
+    k3 = frames.decode_frame(hostile, expected_shape=shape, expected_dtype=torch.float16)
+    k3 = k3.view(1, heads, dim, tokens).permute(0, 3, 1, 2).reshape_as(k)
+    assert torch.equal(_bits(k2), _bits(k3))
+    assert k2[:, 0, 0].isnan().all() and k2.isfinite()[:, 0, 2:].all()
