@@ -320,8 +320,10 @@ class KvTransfer:
         codec: KvCodec,
         stats: MoveStats,
         sequential: bool = False,
-    ) -> AsyncIterator[WireChunk]:
-        """Chunks of tokens [start, snapshot.num_tokens), layer by layer."""
+        messages: bool = False,
+    ) -> AsyncIterator[WireChunk | shard_pb2.KvChunk]:
+        """Chunks of tokens [start, snapshot.num_tokens), layer by layer; with
+        `messages`, as KvChunks (parsed on the worker, not on the event loop)."""
         num_layers = self.geometry.num_layers
         step = self._chunk_tokens()
         items = [
@@ -329,7 +331,12 @@ class KvTransfer:
             for layer in range(num_layers)
             for s, e in chunk_ranges(start, snapshot.num_tokens, step)
         ]
-        encode = stats.encode.timed(self._encode(snapshot.block_table, codec, stats))
+        wire = stats.encode.timed(self._encode(snapshot.block_table, codec, stats))
+
+        def as_message(item: tuple[int, int, int]) -> shard_pb2.KvChunk:
+            return wire(item).message()
+
+        encode: Callable = as_message if messages else wire
         if sequential:
             for chunk in await asyncio.to_thread(lambda: [encode(i) for i in items]):
                 yield chunk
@@ -361,8 +368,9 @@ class KvTransfer:
             )
             stats = MoveStats()
             start = min(request.start_token, snapshot.num_tokens)
-            async for chunk in self._chunks(snapshot, start, codec, stats, request.sequential):
-                yield chunk.message()
+            chunks = self._chunks(snapshot, start, codec, stats, request.sequential, messages=True)
+            async for chunk in chunks:
+                yield chunk  # type: ignore[misc]
         finally:
             await self.engine.call(lambda e: e.release(snapshot))
 
