@@ -224,8 +224,9 @@ def test_too_many_segments_in_flight_is_refused_and_frees_the_kv(stack: Stack) -
     sampling = inference_pb2.SamplingParams(max_tokens=900, ignore_eos=True)
     requests = [_config(sampling=sampling), *(_segment(s) for s in SEGMENTS[:6])]
     error = _live_error(stack, requests)
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-    assert "segment 4 arrived with 4 segments not yet translated" in error.details()  # type: ignore[attr-defined]
+    code, details = error.code(), error.details()  # type: ignore[attr-defined]
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+    assert "segment 4 arrived with 4 segments not yet translated" in details, details
     wait_free_blocks(stack.replica, baseline)
 
 
