@@ -437,20 +437,18 @@ def _decode_checked(
 
 def frame_inner(
     data: bytes | bytearray | memoryview,
-    max_raw_nbytes: int,
+    header: FrameHeader,
     expected_shape: tuple[int, ...],
     expected_dtype: torch.dtype,
-) -> tuple[FrameHeader, torch.Tensor]:
-    """A frame's header and its codec payload before the zstd stage (a fresh flat
-    uint8 CPU tensor), after every check `decode_frame` makes; for callers that
-    decode the payload themselves (see codecs.decode_along)."""
-    header = read_header(data, max_raw_nbytes)
+) -> torch.Tensor:
+    """The codec payload before the zstd stage (a fresh flat uint8 CPU tensor) of a
+    frame whose header `read_header` gave, after every check `decode_frame` makes;
+    for callers that decode the payload themselves (see codecs.decode_along)."""
     payload = _checked_payload(data, header, expected_shape, expected_dtype)
     try:
-        inner = codecs.inner_of(payload, header.torch_dtype, header.shape, header.spec)
+        return codecs.inner_of(payload, header.torch_dtype, header.shape, header.spec)
     except CodecError as exc:
         raise FrameError(f"bad payload: {exc.message}") from None
-    return header, inner
 
 
 def _checked_payload(

@@ -169,7 +169,7 @@ def _decode_one(
         shape = (num_tokens, g.row_numel)
     if keys and not exact:
         groups = num_tokens // group
-        _, inner = frames.frame_inner(data, max(max_raw, 1), shape, g.dtype)
+        inner = frames.frame_inner(data, header, shape, g.dtype)
         # The codes are transposed back, not the floats (codecs.decode_along).
         x = codecs.decode_along(inner, g.dtype, (groups, group, g.row_numel), header.spec)
         if x is None:

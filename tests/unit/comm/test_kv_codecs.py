@@ -189,7 +189,8 @@ def test_hostile_key_scales_decode_as_the_blockwise_codec_does(name: str) -> Non
     k, v = kv_like(tokens, heads, dim, seed=7, dtype=torch.float16)
     kf, vf = encode_kv(k, v, KvCodec.parse(name))
     shape = (heads * dim, tokens)  # one key group: [channels, tokens]
-    header, inner = frames.frame_inner(kf, 1 << 20, shape, torch.float16)
+    header = frames.read_header(kf, 1 << 20)
+    inner = frames.frame_inner(kf, header, shape, torch.float16)
     scales = inner[: 2 * heads * dim].view(torch.bfloat16)
     scales[0] = float("nan")
     scales[1] = 1e6
